@@ -1,0 +1,233 @@
+"""Chapter 1: the input block. From a text file to batches of token ids.
+
+A language model never sees text, only integers. LLaMA 3 uses a 128K-token BPE
+vocabulary (tiktoken); we use the simplest tokenizer that still works: one token
+per character. Like LLaMA 3 we reserve special tokens after the ordinary ones:
+`<|begin_of_text|>` (BOS), `<|end_of_text|>` (EOS) and `<|pad_id|>`.
+
+    text --CharTokenizer.encode--> ids (numpy int64) --split--> train / val
+    train --get_batch--> x = ids[i : i+T],  y = ids[i+1 : i+T+1]
+
+`y` is `x` shifted left by one: at every position the model predicts the next
+character. The last 10% of the corpus is held out for validation, as nanoGPT
+does, so our losses compare with published figures.
+
+Needs: nothing from the other chapters.
+Run:   python 01_input_block.py [--data PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad_id|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD]
+
+
+def download_corpus(path: Path, url: str = DATA_URL, sha256: str = DATA_SHA256) -> None:
+    """Download `url` to `path`, check its SHA-256, and only then move it into place.
+
+    The bytes go to a temporary file beside `path`; any failure removes it, so a
+    broken download never leaves a partial corpus behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    hint = f"download it yourself from {url} and save it as {path}, or pass --data PATH"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {url}: {done:,} / {total:,} bytes", end="", file=sys.stderr)
+            print(file=sys.stderr)
+            if total and done != total:
+                raise ConnectionError(f"connection dropped after {done:,} of {total:,} bytes")
+            f.flush()
+            os.fsync(f.fileno())
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise ValueError(f"checksum mismatch for {url}: got {digest}, expected {sha256}; {hint}")
+        os.replace(tmp, path)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        raise ConnectionError(f"could not download the corpus ({e}); {hint}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_text(path: str | Path | None = None) -> str:
+    """Read the corpus: `path` if given, else data/tinyshakespeare.txt, downloading it if missing.
+
+    Raises:
+        FileNotFoundError / IsADirectoryError: `path` is not a file.
+        ValueError: the file is empty or not UTF-8 text.
+    """
+    if path is None:
+        path = DEFAULT_DATA_PATH
+        if not path.exists():
+            download_corpus(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    if not path.is_file():
+        raise IsADirectoryError(f"--data {path}: is a directory, not a text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {path}: not UTF-8 text (byte {e.start}); give a plain text file") from e
+    if not text:
+        raise ValueError(f"--data {path}: the file is empty")
+    return text
+
+
+class CharTokenizer:
+    """One token per character, then LLaMA-style special tokens at the end of the vocabulary."""
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.itos = self.chars + SPECIAL_TOKENS
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.bos_id, self.eos_id, self.pad_id = (self.stoi[s] for s in SPECIAL_TOKENS)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The vocabulary is the sorted set of characters that occur in `text`."""
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Text to token ids, optionally wrapped in BOS ... EOS.
+
+        Raises:
+            ValueError: `text` has characters outside the vocabulary (it names them).
+        """
+        unknown = sorted(set(text) - set(self.chars))
+        if unknown:
+            raise ValueError(f"characters not in the vocabulary: {' '.join(map(repr, unknown))}")
+        ids = [self.stoi[c] for c in text]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids to text; special tokens come out as their names."""
+        return "".join(self.itos[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        """Plain data (a checkpoint stores it and `from_dict` restores the same tokenizer)."""
+        return {"chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CharTokenizer:
+        return cls(d["chars"])
+
+
+def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """First 90% for training, last 10% for validation (nanoGPT's split)."""
+    n = int(train_fraction * len(ids))
+    return ids[:n], ids[n:]
+
+
+def get_batch(
+    data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `batch_size` random windows of `seq_len` tokens and their next-token targets.
+
+    The generator is the only source of randomness, so saving its state saves the
+    position in the data stream (that is what makes `--resume` exact).
+
+    Returns:
+        x, y: int64 tensors of shape (batch_size, seq_len); y[:, t] == x[:, t + 1].
+    """
+    ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator).numpy()
+    rows = ix[:, None] + np.arange(seq_len + 1)  # (batch_size, seq_len + 1)
+    chunk = torch.from_numpy(data[rows])
+    x, y = chunk[:, :-1], chunk[:, 1:]
+    if device != "cpu":
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x, y
+
+
+def plot_figures(text: str, tokenizer: CharTokenizer, fig_dir: Path) -> list[Path]:
+    """Character frequencies, and one line of Shakespeare as the ids the model sees."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    counts = Counter(text)
+    chars = sorted(counts, key=counts.get, reverse=True)
+    fig, ax = plt.subplots(figsize=(12, 3.5))
+    ax.bar(range(len(chars)), [counts[c] for c in chars], color="tab:blue")
+    ax.set_xticks(range(len(chars)), [repr(c)[1:-1] for c in chars], fontsize=7)
+    ax.set_yscale("log")
+    ax.set(title="Character frequencies in the corpus", xlabel="character", ylabel="count (log scale)")
+    fig.tight_layout()
+    freq_path = fig_dir / "01_char_frequencies.png"
+    fig.savefig(freq_path, dpi=90)
+    plt.close(fig)
+
+    line = text.splitlines()[0][:24] or text[:24]
+    ids = tokenizer.encode(line)
+    fig, ax = plt.subplots(figsize=(12, 1.8))
+    ax.imshow(np.array(ids)[None, :], cmap="viridis", aspect="auto", vmin=0, vmax=tokenizer.vocab_size)
+    for i, (c, t) in enumerate(zip(line, ids, strict=True)):
+        ax.text(i, -0.15, repr(c)[1:-1], ha="center", va="center", color="white", fontsize=11)
+        ax.text(i, 0.22, str(t), ha="center", va="center", color="white", fontsize=9)
+    ax.set(title="A line of Shakespeare as token ids (character above, id below)", xlabel="position")
+    ax.set_yticks([])
+    fig.tight_layout()
+    ids_path = fig_dir / "01_token_ids.png"
+    fig.savefig(ids_path, dpi=90)
+    plt.close(fig)
+    return [freq_path, ids_path]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Chapter 1 demo: tokenizer, split and batches.")
+    parser.add_argument("--data", default=None, help="UTF-8 text file (default: data/tinyshakespeare.txt)")
+    parser.add_argument("--fig-dir", type=Path, default=Path("out/figures"), help="where figures go")
+    args = parser.parse_args()
+    try:
+        text = load_text(args.data)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+    tokenizer = CharTokenizer.from_text(text)
+    print(f"corpus: {len(text):,} characters, vocab_size {tokenizer.vocab_size} "
+          f"({len(tokenizer.chars)} characters + {len(SPECIAL_TOKENS)} special tokens)")
+    sample = text[:20]
+    ids = tokenizer.encode(sample, bos=True)
+    print(f"encode({sample!r}, bos=True) = {ids}")
+    print(f"decode(...) round trip ok: {tokenizer.decode(ids[1:]) == sample}")
+
+    data = np.array(tokenizer.encode(text), dtype=np.int64)
+    train, val = train_val_split(data)
+    print(f"train {len(train):,} tokens, val {len(val):,} tokens")
+    x, y = get_batch(train, batch_size=2, seq_len=8, generator=torch.Generator().manual_seed(0))
+    print(f"x {tuple(x.shape)}: {tokenizer.decode(x[0].tolist())!r}")
+    print(f"y {tuple(y.shape)}: {tokenizer.decode(y[0].tolist())!r}  (x shifted by one)")
+    for path in plot_figures(text, tokenizer, args.fig_dir):
+        print(f"figure: {path}")
+    print("caption: the corpus is mostly lower-case letters and spaces; each character becomes one id.")
+
+
+if __name__ == "__main__":
+    main()

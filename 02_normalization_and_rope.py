@@ -1,0 +1,169 @@
+"""Chapter 2: RMSNorm and rotary position embeddings (RoPE).
+
+RMSNorm. Before attention and before the feed-forward network, LLaMA rescales each
+token vector to unit root-mean-square, then multiplies by a learned gain:
+
+    RMSNorm(x) = x / sqrt(mean(x_i^2) + eps) * weight
+
+Unlike LayerNorm it does not subtract the mean and has no bias: cheaper, and just
+as good in practice. The statistics are computed in float32 even when the model
+runs in bfloat16, because squares of small numbers underflow in 16 bits.
+
+RoPE. Attention by itself does not know where tokens are. LLaMA rotates each query
+and key vector by an angle proportional to its position m. Dimensions (2i, 2i+1)
+form a pair, read as the complex number x_2i + j*x_2i+1, and rotate by m * theta_i:
+
+    theta_i = rope_theta ** (-2i / head_dim),   q'_m = q_m * e^(j*m*theta_i)
+
+A rotation keeps vector lengths, and q'_m . k'_n depends only on m - n: the
+attention score sees relative position. Early pairs spin fast, late pairs slowly.
+
+Needs: nothing from the other chapters.
+Run:   python 02_normalization_and_rope.py
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization with a learnable per-channel gain (Meta's `RMSNorm`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32, then return to the input's dtype before the gain.
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 500000.0) -> torch.Tensor:
+    """The rotations e^(j * m * theta_i) for every position m < end and pair i < dim / 2.
+
+    Args:
+        dim: head dimension (even).
+        end: number of positions.
+        theta: RoPE base; LLaMA 3 uses 500000 (LLaMA 2 used 10000).
+    Returns:
+        complex64 tensor of shape (end, dim // 2).
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))  # (dim // 2,)
+    t = torch.arange(end, dtype=torch.float32)
+    freqs = torch.outer(t, freqs)  # (end, dim // 2): angle m * theta_i
+    return torch.polar(torch.ones_like(freqs), freqs)  # cos + j sin
+
+
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(seqlen, head_dim // 2) -> (1, seqlen, 1, head_dim // 2), to match x's (bsz, seqlen, heads, pairs)."""
+    assert freqs_cis.shape == (x.shape[1], x.shape[-1])
+    shape = [d if i in (1, x.ndim - 1) else 1 for i, d in enumerate(x.shape)]
+    return freqs_cis.view(*shape)
+
+
+def apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys by their positions.
+
+    Args:
+        xq: (bsz, seqlen, n_heads, head_dim)
+        xk: (bsz, seqlen, n_kv_heads, head_dim)
+        freqs_cis: (seqlen, head_dim // 2), the rows for these positions.
+    Returns:
+        xq, xk rotated, same shapes and dtypes.
+    """
+    # Adjacent pairs (2i, 2i+1) become one complex number each.
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bsz, seqlen, n_heads, head_dim // 2)
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)  # (bsz, seqlen, n_heads, head_dim)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Path]:
+    """RoPE angles per pair and position; q.k against distance; activations before/after RMSNorm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    freqs_cis = precompute_freqs_cis(head_dim, n_pos)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    im = axes[0].imshow(torch.angle(freqs_cis).T, aspect="auto", cmap="twilight", origin="lower")
+    axes[0].set(title="RoPE rotation angle (wrapped to [-pi, pi])", xlabel="position m", ylabel="pair i")
+    fig.colorbar(im, ax=axes[0], label="angle (radians)")
+    # The same q and k placed at every distance: the score depends on distance alone.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, head_dim, generator=g).expand(1, n_pos, 1, head_dim)
+    rq, rk = apply_rotary_emb(q, q, freqs_cis)
+    scores = (rq[0, :, 0] @ rk[0, 0, 0]).tolist()  # q at m, k at 0
+    axes[1].plot(range(n_pos), scores)
+    axes[1].set(title="q.k of one vector with itself, moved apart", xlabel="relative distance m - n",
+                ylabel="rotated q . k")
+    fig.tight_layout()
+    rope_path = fig_dir / "02_rope.png"
+    fig.savefig(rope_path, dpi=90)
+    plt.close(fig)
+
+    x = torch.randn(256, head_dim, generator=g) * torch.linspace(0.2, 6.0, 256)[:, None]
+    y = RMSNorm(head_dim)(x).detach()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x.pow(2).mean(-1).sqrt(), label="before RMSNorm")
+    ax.plot(y.pow(2).mean(-1).sqrt(), label="after RMSNorm")
+    ax.set(title="RMS of 256 token vectors", xlabel="token", ylabel="root mean square")
+    ax.legend()
+    fig.tight_layout()
+    norm_path = fig_dir / "02_rmsnorm.png"
+    fig.savefig(norm_path, dpi=90)
+    plt.close(fig)
+    return [rope_path, norm_path]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Chapter 2 demo: RMSNorm and RoPE.")
+    parser.add_argument("--fig-dir", type=Path, default=Path("out/figures"), help="where figures go")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    x = torch.randn(2, 5, 16) * 7.0  # (bsz, seqlen, dim)
+    y = RMSNorm(16)(x)
+    print(f"RMSNorm: {tuple(x.shape)} -> {tuple(y.shape)}")
+    rms_before, rms_after = x.pow(2).mean(-1).sqrt().mean(), y.pow(2).mean(-1).sqrt().mean()
+    print(f"  RMS before {rms_before:.3f}, after {rms_after:.3f} (close to 1)")
+
+    head_dim, seqlen = 8, 16
+    freqs_cis = precompute_freqs_cis(head_dim, seqlen)
+    print(f"freqs_cis: {tuple(freqs_cis.shape)} {freqs_cis.dtype}")
+    q = torch.randn(1, seqlen, 2, head_dim)  # (bsz, seqlen, n_heads, head_dim)
+    k = torch.randn(1, seqlen, 1, head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
+    rq, rk = apply_rotary_emb(q, k, freqs_cis)
+    print(f"apply_rotary_emb: q {tuple(rq.shape)}, k {tuple(rk.shape)}")
+    print(f"  norms kept: {torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)}")
+
+    # Put the same q and k at positions (m, n) and (m + 5, n + 5): the score is unchanged.
+    qv = torch.randn(head_dim).expand(1, seqlen, 1, head_dim)
+    kv = torch.randn(head_dim).expand(1, seqlen, 1, head_dim)
+    rq, rk = apply_rotary_emb(qv, kv, freqs_cis)
+    s1, s2 = rq[0, 7, 0] @ rk[0, 3, 0], rq[0, 12, 0] @ rk[0, 8, 0]
+    print(f"  q.k at positions (7, 3) = {s1:.4f}, at (12, 8) = {s2:.4f}: depends only on m - n")
+    for path in plot_figures(args.fig_dir):
+        print(f"figure: {path}")
+    print("caption: low pairs spin fast and high pairs slowly; the score depends on distance only; "
+          "RMSNorm brings every token to RMS 1.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Chapter 4: the SwiGLU feed-forward network and the transformer block.
+
+Feed-forward. After attention mixes information across tokens, each token is
+processed on its own by a small MLP. LLaMA uses SwiGLU: a SiLU-activated gate
+multiplies a second linear projection,
+
+    FFN(x) = w2( silu(w1 x) * w3 x ),   silu(z) = z * sigmoid(z)
+
+Three matrices instead of two, so the hidden size is 2/3 of the classic 4 * dim
+to keep the parameter count, then scaled by ffn_dim_multiplier and rounded up to
+a multiple of multiple_of (hardware-friendly). For Llama 3 8B: dim 4096,
+ffn_dim_multiplier 1.3, multiple_of 1024 -> hidden size 14336.
+
+Transformer block. Pre-norm with two residual connections:
+
+    h   = x + attention(attention_norm(x))
+    out = h + feed_forward(ffn_norm(h))
+
+Normalizing the input of each branch (not the sum) keeps the residual stream
+untouched, which is why deep LLaMAs train stably.
+
+Needs: 02_normalization_and_rope.py (RMSNorm), 03_attention.py (Attention).
+Run:   python 04_feedforward_and_transformer_block.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+rope = importlib.import_module("02_normalization_and_rope")
+attention = importlib.import_module("03_attention")
+
+
+def ffn_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rule: 2/3 of hidden_dim (4 * dim), times ffn_dim_multiplier, rounded up to a multiple of multiple_of."""
+    hidden_dim = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP (Meta's `FeedForward`). `hidden_dim` is the starting point (4 * dim), not the final size."""
+
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
+                 dropout: float = 0.0):
+        super().__init__()
+        hidden_dim = ffn_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down projection
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up projection
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (bsz, seqlen, dim) -> (bsz, seqlen, hidden_dim) -> (bsz, seqlen, dim)
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual."""
+
+    def __init__(self, layer_id: int, dim: int, n_heads: int, n_kv_heads: int | None, multiple_of: int,
+                 ffn_dim_multiplier: float | None, norm_eps: float, max_batch_size: int, max_seq_len: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = attention.Attention(dim, n_heads, n_kv_heads, max_batch_size, max_seq_len, dropout)
+        self.feed_forward = FeedForward(dim, 4 * dim, multiple_of, ffn_dim_multiplier, dropout)
+        self.attention_norm = rope.RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = rope.RMSNorm(dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """x: (bsz, seqlen, dim) -> (bsz, seqlen, dim). start_pos as in `Attention.forward`."""
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def plot_figures(block: TransformerBlock, fig_dir: Path) -> list[Path]:
+    """SwiGLU's gate beside ReLU and GELU; where the block's parameters go."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    z = torch.linspace(-4, 4, 200)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(z, F.relu(z), label="ReLU")
+    ax.plot(z, F.gelu(z), label="GELU")
+    ax.plot(z, F.silu(z), label="SiLU (SwiGLU's gate)")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(title="Activation functions", xlabel="input z", ylabel="output")
+    ax.legend()
+    fig.tight_layout()
+    act_path = fig_dir / "04_activations.png"
+    fig.savefig(act_path, dpi=90)
+    plt.close(fig)
+
+    parts = {
+        "attention wq": block.attention.wq, "attention wk": block.attention.wk,
+        "attention wv": block.attention.wv, "attention wo": block.attention.wo,
+        "ffn w1 (gate)": block.feed_forward.w1, "ffn w2 (down)": block.feed_forward.w2,
+        "ffn w3 (up)": block.feed_forward.w3,
+        "norms": [block.attention_norm, block.ffn_norm],
+    }
+    counts = {name: sum(p.numel() for m in (mods if isinstance(mods, list) else [mods]) for p in m.parameters())
+              for name, mods in parts.items()}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = ["tab:blue"] * 4 + ["tab:orange"] * 3 + ["tab:gray"]
+    ax.barh(list(counts), list(counts.values()), color=colors)
+    ax.invert_yaxis()
+    ax.set(title="Parameters of one Llama 3 8B block (GQA shrinks wk, wv)", xlabel="parameters")
+    fig.tight_layout()
+    params_path = fig_dir / "04_block_parameters.png"
+    fig.savefig(params_path, dpi=90)
+    plt.close(fig)
+    return [act_path, params_path]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Chapter 4 demo: SwiGLU feed-forward and the transformer block.")
+    parser.add_argument("--fig-dir", type=Path, default=Path("out/figures"), help="where figures go")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    print(f"FFN hidden size for Llama 3 8B (dim 4096, multiple_of 1024, ffn_dim_multiplier 1.3): "
+          f"{ffn_hidden_dim(4 * 4096, 1024, 1.3)}")
+    dim, seqlen = 64, 12
+    block = TransformerBlock(0, dim, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=None,
+                             norm_eps=1e-5, max_batch_size=2, max_seq_len=seqlen)
+    print(f"FeedForward(dim={dim}): hidden size {block.feed_forward.w1.out_features}")
+    freqs_cis = rope.precompute_freqs_cis(dim // 4, seqlen)
+    x = torch.randn(2, seqlen, dim)
+    with torch.no_grad():
+        out = block(x, freqs_cis)
+    n_attn = sum(p.numel() for p in block.attention.parameters())
+    n_ffn = sum(p.numel() for p in block.feed_forward.parameters())
+    print(f"TransformerBlock: x {tuple(x.shape)} -> out {tuple(out.shape)}; "
+          f"parameters: attention {n_attn:,}, feed-forward {n_ffn:,}")
+    print(f"  the residual path keeps the input: |out - x| / |x| = {((out - x).norm() / x.norm()):.3f}")
+
+    # The figure counts the real thing: one block with Llama 3 8B's sizes, on the meta device (no memory).
+    with torch.device("meta"):
+        big = TransformerBlock(0, 4096, 32, 8, 1024, 1.3, 1e-5, 1, 8192)
+    for path in plot_figures(big, args.fig_dir):
+        print(f"figure: {path}")
+    print("caption: SiLU is a smooth ReLU that lets small negatives through; "
+          "in Llama 3 8B two thirds of each block's parameters are in the feed-forward network.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,716 @@
+"""LLaMA 3 from scratch: assemble the chapters, train on Tiny Shakespeare, and sample.
+
+    tokens (bsz, seqlen)
+      -> tok_embeddings                         (bsz, seqlen, dim)
+      -> n_layers x TransformerBlock            (chapter 4, using chapters 2 and 3)
+      -> norm (RMSNorm) -> output (Linear)      (bsz, seqlen, vocab_size) logits
+
+Training minimizes the cross-entropy of the next character with AdamW, a linear
+warmup and a cosine decay of the learning rate. Generation runs the prompt through
+the model once (filling the KV cache), then feeds one token at a time, sampling
+with temperature and top-p (nucleus) sampling.
+
+Run:   python main.py                      # train the default CPU model, then sample
+       python main.py --sample --prompt "ROMEO:"
+       python main.py --help               # every flag
+Importing this module runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+inputs = importlib.import_module("01_input_block")
+rope = importlib.import_module("02_normalization_and_rope")
+attention = importlib.import_module("03_attention")
+blocks = importlib.import_module("04_feedforward_and_transformer_block")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelArgs:
+    """The architecture, with Meta's field names. Llama 3 8B is dim=4096, n_layers=32, n_heads=32,
+    n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000."""
+
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = 2
+    vocab_size: int = -1  # set from the tokenizer
+    multiple_of: int = 32
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 128
+    dropout: float = 0.0  # not in Meta's model; helps the larger GPU preset
+
+
+class Transformer(nn.Module):
+    """The LLaMA 3 decoder (Meta's `Transformer`); state-dict keys match Meta's checkpoints."""
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(
+            blocks.TransformerBlock(
+                i, params.dim, params.n_heads, params.n_kv_heads, params.multiple_of, params.ffn_dim_multiplier,
+                params.norm_eps, params.max_batch_size, params.max_seq_len, params.dropout,
+            )
+            for i in range(params.n_layers)
+        )
+        self.norm = rope.RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        # Computed once; non-persistent, so it is not in the state dict.
+        freqs_cis = rope.precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len, params.rope_theta)
+        self.register_buffer("freqs_cis", freqs_cis, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: the projections that write into the residual stream get a smaller
+        # std, so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * params.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            tokens: (bsz, seqlen) int64.
+            targets: (bsz, seqlen) next tokens, or None.
+            start_pos: None for training and evaluation (no KV cache). In generation, the position
+                of tokens[:, 0]: 0 for the prompt, then the running position (reads and fills the cache).
+        Returns:
+            logits (bsz, seqlen, vocab_size) in float32, and the mean cross-entropy (None without targets).
+        """
+        seqlen = tokens.shape[1]
+        pos = 0 if start_pos is None else start_pos
+        freqs_cis = self.freqs_cis[pos : pos + seqlen]  # (seqlen, head_dim // 2)
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start_pos)
+        logits = self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    max_iters: int = 2000
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None: decay until max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+
+
+# `--preset cpu` (the default) learns in about three minutes on a 2-core laptop CPU;
+# `--preset gpu` is sized like nanoGPT's 10.7M-parameter Shakespeare model.
+PRESETS: dict[str, tuple[ModelArgs, TrainConfig]] = {
+    "cpu": (ModelArgs(), TrainConfig()),
+    "gpu": (
+        ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256, max_batch_size=64, dropout=0.2),
+        TrainConfig(batch_size=64, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                    beta2=0.99, eval_interval=250, eval_iters=200),
+    ),
+}
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (and flat after)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings, linear layers) only, not on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel updates all parameters in one pass; it runs on CPU and CUDA.
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type in ("cpu", "cuda"))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+               lr: float, grad_clip: float, autocast) -> float:
+    """One optimizer step over `batches` (gradient accumulation: the same update as one batch
+    of all of them together). Under DDP, gradients are averaged across ranks on the last one only.
+
+    Returns:
+        the mean loss over the batches.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros(())
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()):
+            with autocast:
+                _, loss = model(x, y)
+            (loss / len(batches)).backward()
+        total = total + loss.detach().float().cpu() / len(batches)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item()
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, seq_len: int, device: str,
+                  autocast) -> float:
+    """Mean loss over eval_iters random batches; the same batches every call (a fixed seed)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = inputs.get_batch(data, cfg.batch_size, seq_len, generator, device)
+        with autocast:
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, data: np.ndarray, seq_len: int, batch_size: int, device: str,
+                   autocast) -> float:
+    """Mean next-token loss over every non-overlapping window of a whole split."""
+    model.eval()
+    n = (len(data) - 1) // seq_len
+    x_all = torch.from_numpy(data[: n * seq_len]).view(n, seq_len)
+    y_all = torch.from_numpy(data[1 : n * seq_len + 1]).view(n, seq_len)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        x, y = x_all[i : i + batch_size].to(device), y_all[i : i + batch_size].to(device)
+        with autocast:
+            total += model(x, y)[1].item() * len(x)
+    model.train()
+    return total / n
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old one.
+    Killing the process at any moment leaves either the old or the new checkpoint, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint holding tensors and plain data only (weights_only=True: never runs pickled code).
+
+    Raises:
+        FileNotFoundError: no file at path.
+        ValueError: the file is not a checkpoint of this program (truncated, foreign, or unsafe).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train first (python main.py --out-dir {path.parent})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "model_args", "tokenizer", "step"} - set(checkpoint)
+    except Exception as e:  # torch raises many types for a bad file; all mean the same here
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                         f"delete it and train again") from e
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of main.py (missing {sorted(missing)})")
+    return checkpoint
+
+
+def write_loss_log(log: list[dict], out_dir: Path) -> None:
+    """out/loss.csv (pandas) and out/loss.png (matplotlib): losses and learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(log)
+    df.to_csv(out_dir / "loss.csv", index=False)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(df["step"], df["train_loss"], marker="o", ms=3, label="train")
+    ax.plot(df["step"], df["val_loss"], marker="o", ms=3, label="val")
+    ax.set(title="LLaMA 3 on Tiny Shakespeare", xlabel="step", ylabel="cross-entropy loss (nats per character)")
+    ax.legend(loc="upper center")
+    tokens_per_step = df["tokens"].iloc[-1] / max(1, df["step"].iloc[-1])
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
+                                               lambda t: t * 1e6 / tokens_per_step))
+    top.set_xlabel("tokens seen (millions)")
+    lr_ax = ax.twinx()
+    lr_ax.plot(df["step"], df["lr"], color="gray", ls="--", label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Nucleus sampling (Meta's `sample_top_p`): sample from the smallest set of most likely
+    tokens whose probability reaches p. The token that crosses p is kept, so the set is never empty.
+
+    Args:
+        probs: (bsz, vocab_size), rows sum to 1.
+    Returns:
+        (bsz, 1) token ids.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p  # the mass before this token already reaches p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+@torch.no_grad()
+def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+             top_p: float = 0.9, generator: torch.Generator | None = None) -> str:
+    """Continue `prompt` by up to max_new_tokens characters and return only the new text.
+
+    The prompt runs through the model once (start_pos=0), then one token at a time through the
+    KV cache. When the cache is full the window slides: the last half of the context becomes a
+    new prompt. Stops early at <|end_of_text|>. temperature 0 is greedy (argmax).
+
+    Raises:
+        ValueError: bad arguments, or prompt characters outside the vocabulary.
+    """
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_seq_len = model.params.max_seq_len
+    tokens = tokenizer.encode(prompt) or [tokenizer.bos_id]  # an empty prompt starts from BOS
+    if len(tokens) > max_seq_len - 1:
+        print(f"note: the prompt is longer than the context; keeping its last {max_seq_len - 1} characters",
+              file=sys.stderr)
+        tokens = tokens[-(max_seq_len - 1) :]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    new_tokens: list[int] = []
+    context = tokens
+    while len(new_tokens) < max_new_tokens:
+        if context is not None:  # (re)fill the cache with the whole context
+            logits, _ = model(torch.tensor([context], device=device), start_pos=0)
+            pos, context = len(context), None
+        logits = logits[:, -1]  # (1, vocab_size)
+        if temperature == 0:
+            next_token = torch.argmax(logits, dim=-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_token = sample_top_p(probs.cpu(), top_p, generator).to(device)
+        token = next_token.item()
+        if token == tokenizer.eos_id:
+            break
+        new_tokens.append(token)
+        if pos == max_seq_len:  # cache full: slide the window
+            context = (tokens + new_tokens)[-(max_seq_len // 2) :]
+        else:
+            logits, _ = model(next_token.view(1, 1), start_pos=pos)
+            pos += 1
+    model.train(was_training)
+    return tokenizer.decode(new_tokens)
+
+
+def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None:
+    """The trained model's causal attention weights over `text`, for every head of the last layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = torch.tensor([tokenizer.encode(text)[: model.params.max_seq_len]])
+    seqlen = tokens.shape[1]
+    model.eval()
+    with torch.no_grad():
+        freqs_cis = model.freqs_cis[:seqlen]
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            weights = attention.attention_weights(layer.attention, layer.attention_norm(h), freqs_cis)[0]
+            h = layer(h, freqs_cis)
+    n_heads = weights.shape[0]
+    labels = [repr(c)[1:-1] for c in tokenizer.decode(tokens[0].tolist())]
+    fig, axes = plt.subplots(1, n_heads, figsize=(4.2 * n_heads, 4.6))
+    for head, ax in enumerate(np.atleast_1d(axes)):
+        ax.imshow(weights[head], cmap="Blues")
+        ax.set_xticks(range(seqlen), labels, fontsize=6)
+        ax.set_yticks(range(seqlen), labels, fontsize=6)
+        ax.set(title=f"head {head}", xlabel="key (attended to)")
+    np.atleast_1d(axes)[0].set_ylabel("query (current character)")
+    fig.suptitle(f"Trained model, last layer: attention over {text[:40]!r}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+MODEL_FLAGS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
+               "seq_len": "max_seq_len", "dropout": "dropout"}
+TRAIN_FLAGS = ("batch_size", "max_iters", "learning_rate", "warmup_iters", "lr_decay_iters", "grad_accum",
+               "eval_interval", "eval_iters", "seed")
+DEFAULT_PROMPT = "ROMEO:"
+ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"
+
+
+def positive_int(s: str) -> int:
+    value = int(s)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return value
+
+
+def non_negative_int(s: str) -> int:
+    value = int(s)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return value
+
+
+def positive_float(s: str) -> float:
+    value = float(s)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return value
+
+
+def temperature_type(s: str) -> float:
+    value = float(s)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {s}")
+    return value
+
+
+def top_p_type(s: str) -> float:
+    value = float(s)
+    if not 0 < value <= 1:  # also False for NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return value
+
+
+def dropout_type(s: str) -> float:
+    value = float(s)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a LLaMA 3 model on Tiny Shakespeare (character level) and sample from it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("data, output and hardware")
+    io.add_argument("--data", default=None,
+                    help="UTF-8 text file to train on (default: data/tinyshakespeare.txt, downloaded if missing)")
+    io.add_argument("--out-dir", type=Path, default=Path("out"),
+                    help="where ckpt.pt, loss.csv, loss.png and metrics.json go")
+    io.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                    help="model and training sizes: 'cpu' learns in minutes on a laptop; "
+                         "'gpu' is nanoGPT's 10.7M-parameter Shakespeare size")
+    io.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                    help="auto picks cuda, then mps, then cpu")
+    io.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="compute dtype (bfloat16 = autocast, float32 master weights); "
+                         "default: bfloat16 on a CUDA GPU that supports it, else float32")
+    io.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    io.add_argument("--resume", action="store_true",
+                    help="continue training from out-dir/ckpt.pt (its model and settings, unless flags override)")
+    io.add_argument("--sample", action="store_true", help="load out-dir/ckpt.pt and only generate; no training")
+
+    m = p.add_argument_group("model (default: from --preset)")
+    m.add_argument("--dim", type=positive_int, help="embedding width")
+    m.add_argument("--n-layers", type=positive_int, help="number of transformer blocks")
+    m.add_argument("--n-heads", type=positive_int, help="query heads")
+    m.add_argument("--n-kv-heads", type=positive_int, help="key/value heads (divides --n-heads; fewer = GQA)")
+    m.add_argument("--seq-len", type=positive_int, help="context length in characters (max_seq_len)")
+    m.add_argument("--dropout", type=dropout_type, help="dropout probability in training")
+
+    t = p.add_argument_group("training (default: from --preset)")
+    t.add_argument("--max-iters", type=positive_int, help="total optimizer steps, also after --resume")
+    t.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch (per GPU under torchrun)")
+    t.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
+    t.add_argument("--learning-rate", type=positive_float, help="peak learning rate")
+    t.add_argument("--warmup-iters", type=non_negative_int, help="steps of linear warmup")
+    t.add_argument("--lr-decay-iters", type=positive_int, help="step where the cosine decay ends (default: max-iters)")
+    t.add_argument("--eval-interval", type=positive_int, help="evaluate and save a checkpoint every N steps")
+    t.add_argument("--eval-iters", type=positive_int, help="batches per evaluation estimate")
+    t.add_argument("--seed", type=int, help="random seed (same seed, same run on CPU)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue ('' starts from <|begin_of_text|>)")
+    g.add_argument("--max-new-tokens", type=non_negative_int, default=500, help="characters to generate")
+    g.add_argument("--temperature", type=temperature_type, default=0.8,
+                   help="sampling temperature; 0 = greedy (always the most likely character)")
+    g.add_argument("--top-p", type=top_p_type, default=0.9, help="nucleus sampling: keep the most likely "
+                   "characters whose probability adds up to p (1 = keep all)")
+    g.add_argument("--plot-attention", action="store_true",
+                   help="with --sample: also draw the model's attention to out-dir/figures/main_attention.png")
+    return p
+
+
+def pick_device(choice: str) -> str:
+    """'auto' -> cuda, then mps, then cpu. An explicit choice that is not available is an error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[choice]:
+        raise ValueError(f"--device {choice} is not available on this machine; use --device cpu or auto")
+    return choice
+
+
+def resolve_configs(args: argparse.Namespace, checkpoint: dict | None) -> tuple[ModelArgs, TrainConfig]:
+    """Start from the preset (or the checkpoint being resumed) and apply the flags given."""
+    if checkpoint is None:
+        model_args, cfg = PRESETS[args.preset]
+    else:
+        model_args = ModelArgs(**checkpoint["model_args"])
+        cfg = TrainConfig(**checkpoint["train_config"])
+    given_model = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    if checkpoint is not None:
+        differ = {f"--{k.replace('_', '-')}" for k, f in MODEL_FLAGS.items()
+                  if f in given_model and given_model[f] != getattr(model_args, f)}
+        if differ:
+            raise ValueError(f"--resume: {', '.join(sorted(differ))} differ from the checkpoint's model; "
+                             f"drop them or train a new model in another --out-dir")
+    model_args = replace(model_args, **given_model)
+    cfg = replace(cfg, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    model_args = replace(model_args, max_batch_size=max(model_args.max_batch_size, cfg.batch_size))
+    return model_args, cfg
+
+
+def train(args: argparse.Namespace, t_start: float) -> None:
+    """Train from the command-line flags; under torchrun, with DistributedDataParallel."""
+    ddp = "RANK" in os.environ
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    device = pick_device(args.device)
+    if ddp:
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    device_type = device.split(":")[0]
+    log = print if master else (lambda *a, **k: None)
+
+    out_dir: Path = args.out_dir
+    ckpt_path = out_dir / "ckpt.pt"
+    checkpoint = load_checkpoint(ckpt_path) if args.resume else None
+    model_args, cfg = resolve_configs(args, checkpoint)
+
+    text = inputs.load_text(args.data)
+    tokenizer = inputs.CharTokenizer.from_text(text)
+    if checkpoint is not None and tokenizer.chars != checkpoint["tokenizer"]["chars"]:
+        raise ValueError(f"--data gives a different vocabulary than {ckpt_path} was trained on; "
+                         f"use the same --data, or train a new model in another --out-dir")
+    data = np.array(tokenizer.encode(text), dtype=np.int64)
+    train_data, val_data = inputs.train_val_split(data)
+    if len(val_data) <= model_args.max_seq_len:
+        raise ValueError(f"--data has {len(text):,} characters: too short for --seq-len "
+                         f"{model_args.max_seq_len} (its last 10% must hold one window); "
+                         f"give a longer file or a smaller --seq-len")
+    model_args = replace(model_args, vocab_size=tokenizer.vocab_size)
+
+    dtype = args.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_args).to(device)
+    optimizer = configure_optimizer(model, cfg, device_type)
+    data_gen = torch.Generator().manual_seed(cfg.seed + rank)  # every rank samples its own batches
+    step, best_val, loss_log = 0, float("inf"), []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, best_val, loss_log = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["loss_log"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if world_size == 1:
+            data_gen.set_state(checkpoint["rng"]["data"])
+        else:  # each rank continues from its own, new stream
+            data_gen.manual_seed(cfg.seed + rank + 1000003 * step)
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * model_args.max_seq_len
+    log(f"device {device} ({dtype}{', compiled' if args.compile else ''}), {n_params:,} parameters, "
+        f"{len(train_data):,} train / {len(val_data):,} val tokens")
+    log(f"global batch {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} ranks = "
+        f"{tokens_per_step:,} tokens per step; {cfg.max_iters} steps")
+
+    def make_checkpoint() -> dict:
+        return {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_args": asdict(model_args), "train_config": asdict(cfg),
+            "tokenizer": tokenizer.to_dict(), "step": step, "best_val_loss": best_val, "loss_log": loss_log,
+            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
+        }
+
+    def evaluate() -> None:
+        nonlocal best_val
+        train_loss = estimate_loss(raw_model, train_data, cfg, model_args.max_seq_len, device, autocast)
+        val_loss = estimate_loss(raw_model, val_data, cfg, model_args.max_seq_len, device, autocast)
+        best_val = min(best_val, val_loss)
+        loss_log.append({"step": step, "tokens": step * tokens_per_step, "lr": get_lr(step, cfg),
+                         "train_loss": train_loss, "val_loss": val_loss})
+        tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stop = {"interrupted": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(interrupted=True))
+    train_time, train_steps = 0.0, 0
+    bar = tqdm(total=cfg.max_iters, initial=min(step, cfg.max_iters), desc="training", disable=not master,
+               dynamic_ncols=True)
+    try:
+        while step < cfg.max_iters:
+            if master and step % cfg.eval_interval == 0 and not (loss_log and loss_log[-1]["step"] == step):
+                evaluate()
+                save_checkpoint(ckpt_path, make_checkpoint())
+            t0 = time.perf_counter()
+            batches = [inputs.get_batch(train_data, cfg.batch_size, model_args.max_seq_len, data_gen, device)
+                       for _ in range(cfg.grad_accum)]
+            loss = train_step(model, optimizer, batches, get_lr(step, cfg), cfg.grad_clip, autocast)
+            train_time += time.perf_counter() - t0
+            train_steps += 1
+            flags = torch.tensor([float(stop["interrupted"]), float(not math.isfinite(loss))])
+            if ddp:  # every rank stops together, or none does
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[1]:
+                raise FloatingPointError(f"the loss became {loss} at step {step}: training diverged. "
+                                         f"The last good checkpoint is {ckpt_path}; try a lower --learning-rate")
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{get_lr(step - 1, cfg):.1e}")
+            if flags[0]:
+                if master:
+                    save_checkpoint(ckpt_path, make_checkpoint())
+                bar.close()
+                log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}.\n"
+                    f"continue with: python main.py --resume --out-dir {out_dir}")
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+    if master:
+        if not (loss_log and loss_log[-1]["step"] == step):
+            evaluate()
+        final_train = loss_log[-1]["train_loss"]
+        final_val = evaluate_split(raw_model, val_data, model_args.max_seq_len, cfg.batch_size, device, autocast)
+        save_checkpoint(ckpt_path, make_checkpoint())
+        write_loss_log(loss_log, out_dir)
+        tokens_per_s = train_steps * tokens_per_step / train_time if train_time else float("nan")
+        log(f"final val loss (whole val split) {final_val:.4f}; {tokens_per_s:,.0f} train tokens/s")
+        log(f"wrote {ckpt_path}, {out_dir / 'loss.csv'}, {out_dir / 'loss.png'}")
+        sample = generate(raw_model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                          torch.Generator().manual_seed(cfg.seed))
+        print(f"\n--- sample (temperature {args.temperature}, top-p {args.top_p}) ---\n{args.prompt}{sample}")
+        metrics = {"final_val_loss": final_val, "final_train_loss": final_train, "train_tokens_per_s": tokens_per_s,
+                   "wall_s": time.perf_counter() - t_start, "params": n_params, "iters": step, "device": device,
+                   "dtype": dtype}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def sample_only(args: argparse.Namespace) -> None:
+    """--sample: load out-dir/ckpt.pt and generate, without training."""
+    checkpoint = load_checkpoint(args.out_dir / "ckpt.pt")
+    tokenizer = inputs.CharTokenizer.from_dict(checkpoint["tokenizer"])
+    if args.data is not None and inputs.CharTokenizer.from_text(inputs.load_text(args.data)).chars != tokenizer.chars:
+        raise ValueError(f"--data gives a different vocabulary than {args.out_dir / 'ckpt.pt'} was trained on")
+    device = pick_device(args.device)
+    model = Transformer(ModelArgs(**checkpoint["model_args"]))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{args.out_dir / 'ckpt.pt'} does not match its own model settings: {e}") from e
+    model.to(device)
+    seed = checkpoint.get("train_config", {}).get("seed", 0) if args.seed is None else args.seed
+    text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                    torch.Generator().manual_seed(seed))
+    print(f"{args.prompt}{text}")
+    if args.plot_attention:
+        path = args.out_dir / "figures" / "main_attention.png"
+        plot_attention(model.cpu(), tokenizer, ATTENTION_LINE, path)
+        print(f"figure: {path}\ncaption: each row shows which earlier characters one character attends to.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.sample:
+            sample_only(args)
+        else:
+            train(args, t_start)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (OSError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
