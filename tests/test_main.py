@@ -1,0 +1,339 @@
+"""main.py: the Transformer, training, checkpoints, sampling and the command line, on tiny configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import main
+
+inputs = main.inputs
+REPO = Path(__file__).resolve().parents[1]
+META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "rope_theta", "max_batch_size", "max_seq_len"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_text):
+    return inputs.CharTokenizer.from_text(tiny_text)
+
+
+def make_model(vocab_size: int, seed: int = 0, **overrides) -> main.Transformer:
+    settings = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16,
+                    max_seq_len=16, max_batch_size=2)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return main.Transformer(main.ModelArgs(**settings)).eval()
+
+
+def meta_keys(n_layers: int) -> set[str]:
+    keys = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(n_layers):
+        keys |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        keys |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        keys |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    return keys
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_model_args_keep_metas_field_names():
+    assert META_FIELDS <= {f.name for f in dataclasses.fields(main.ModelArgs)}
+
+
+def test_logits_shape_and_no_loss_without_targets():
+    model = make_model(40)
+    tokens = torch.randint(40, (2, 10))
+    logits, loss = model(tokens)
+    assert logits.shape == (2, 10, 40)
+    assert logits.dtype == torch.float32
+    assert loss is None
+
+
+def test_loss_is_next_token_cross_entropy_near_log_vocab_at_init():
+    model = make_model(40)
+    tokens, targets = torch.randint(40, (2, 10)), torch.randint(40, (2, 10))
+    logits, loss = model(tokens, targets)
+    expected = -torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(loss, expected)
+    assert abs(loss.item() - math.log(40)) < 0.1  # small init: close to a uniform guess
+
+
+def test_state_dict_keys_are_exactly_metas():
+    """RoPE tables and KV caches stay out; nothing else gets in."""
+    model = make_model(40, n_layers=3)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), start_pos=0)  # fill the KV caches
+    assert set(model.state_dict()) == meta_keys(3)
+    assert model.state_dict()["layers.2.attention.wk.weight"].shape == (16, 32)  # 2 KV heads x head_dim 8
+
+
+def test_init_std_with_scaled_residual_projections():
+    """N(0, 0.02) everywhere, and 0.02 / sqrt(2 * n_layers) on wo and w2, which write into the residual stream."""
+    n_layers = 8
+    model = make_model(64, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=4, multiple_of=64)
+    params = dict(model.named_parameters())
+
+    def std(suffix: str) -> float:
+        return torch.cat([p.flatten() for name, p in params.items() if name.endswith(suffix)]).std().item()
+
+    scaled = 0.02 / math.sqrt(2 * n_layers)
+    for suffix in ("attention.wo.weight", "feed_forward.w2.weight"):
+        assert std(suffix) == pytest.approx(scaled, rel=0.05)
+    for suffix in ("tok_embeddings.weight", "attention.wq.weight", "attention.wk.weight", "feed_forward.w1.weight",
+                   "feed_forward.w3.weight", "output.weight"):
+        assert std(suffix) == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(params["norm.weight"], torch.ones(64))
+
+
+def test_training_forward_never_touches_the_kv_cache():
+    model = make_model(40)
+    tokens = torch.randint(40, (2, 10))
+    model(tokens, tokens)
+    assert all(layer.attention.cache_k is None for layer in model.layers)
+    with torch.no_grad():
+        model(tokens[:, :4], start_pos=0)  # generation fills the cache ...
+        snapshot = [layer.attention.cache_k.clone() for layer in model.layers]
+        model(tokens, tokens)  # ... and evaluation leaves it alone
+    for layer, before in zip(model.layers, snapshot, strict=True):
+        assert torch.equal(layer.attention.cache_k, before)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_logits_equal_uncached_token_by_token(fused):
+    model = make_model(40)
+    for layer in model.layers:
+        layer.attention.fused = fused
+    tokens = torch.randint(40, (2, 16))
+    with torch.no_grad():
+        uncached, _ = model(tokens)
+        steps = [model(tokens[:, t : t + 1], start_pos=t)[0] for t in range(16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), uncached, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_logits_equal_uncached_for_a_chunk_after_a_prefix(fused):
+    model = make_model(40)
+    for layer in model.layers:
+        layer.attention.fused = fused
+    tokens = torch.randint(40, (2, 16))
+    with torch.no_grad():
+        uncached, _ = model(tokens)
+        prefix, _ = model(tokens[:, :6], start_pos=0)
+        chunk, _ = model(tokens[:, 6:11], start_pos=6)
+        rest, _ = model(tokens[:, 11:], start_pos=11)
+    torch.testing.assert_close(torch.cat([prefix, chunk, rest], dim=1), uncached, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine():
+    cfg = main.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert main.get_lr(0, cfg) == pytest.approx(1e-4)  # 1/10 of the way up
+    assert main.get_lr(4, cfg) == pytest.approx(5e-4)
+    assert main.get_lr(9, cfg) == pytest.approx(1e-3)  # the last warmup step reaches the peak
+    assert main.get_lr(10, cfg) == pytest.approx(1e-3)  # the peak
+    assert main.get_lr(60, cfg) == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert main.get_lr(110, cfg) == pytest.approx(1e-4)
+    assert main.get_lr(500, cfg) == pytest.approx(1e-4)  # flat at min_lr after the decay
+    lrs = [main.get_lr(s, cfg) for s in range(111)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))  # rising through the warmup
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then falling
+
+
+def test_weight_decay_only_on_matrices():
+    model = make_model(40)
+    optimizer = main.configure_optimizer(model, main.TrainConfig(weight_decay=0.1), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])  # the RMSNorm gains
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_thirty_steps_on_a_tiny_corpus_lower_the_loss(tokenizer, tiny_text):
+    data = np.array(tokenizer.encode(tiny_text), dtype=np.int64)
+    train_data, val_data = inputs.train_val_split(data)
+    model = make_model(tokenizer.vocab_size, n_layers=1, n_heads=2, n_kv_heads=1, max_batch_size=8).train()
+    cfg = main.TrainConfig(batch_size=8, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=3, eval_iters=4)
+    optimizer = main.configure_optimizer(model, cfg, "cpu")
+    before = main.estimate_loss(model, val_data, cfg, 16, "cpu", nullcontext())
+    generator = torch.Generator().manual_seed(0)
+    for step in range(cfg.max_iters):
+        batch = inputs.get_batch(train_data, cfg.batch_size, 16, generator)
+        loss = main.train_step(model, optimizer, [batch], main.get_lr(step, cfg), cfg.grad_clip, nullcontext())
+        assert math.isfinite(loss)
+    after = main.estimate_loss(model, val_data, cfg, 16, "cpu", nullcontext())
+    assert before == pytest.approx(math.log(tokenizer.vocab_size), abs=0.15)
+    assert after < before - 0.5
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
+    model = make_model(tokenizer.vocab_size)
+    path = tmp_path / "ckpt.pt"
+    main.save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
+                                "tokenizer": tokenizer.to_dict(), "step": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+    checkpoint = main.load_checkpoint(path)
+    restored = main.Transformer(main.ModelArgs(**checkpoint["model_args"])).eval()
+    restored.load_state_dict(checkpoint["model"])  # strict: every key must match
+    tokens = torch.tensor([tokenizer.encode("Juliet, sun!")])
+    with torch.no_grad():
+        assert torch.equal(restored(tokens)[0], model(tokens)[0])
+    assert checkpoint["step"] == 3
+    assert inputs.CharTokenizer.from_dict(checkpoint["tokenizer"]).chars == tokenizer.chars
+    assert set(torch.load(path, weights_only=True)["model"]) == meta_keys(2)  # plain tensors and data only
+
+
+def test_load_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main.load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        main.load_checkpoint(garbage)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def draw(probs: list[float], p: float, n: int = 4000) -> torch.Tensor:
+    """n samples from sample_top_p, as a flat tensor of token ids."""
+    batch = torch.tensor(probs).expand(n, len(probs)).clone()
+    out = main.sample_top_p(batch, p, torch.Generator().manual_seed(0))
+    assert out.shape == (n, 1)
+    return out.flatten()
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    """0.5 alone is below p = 0.6; adding 0.3 crosses it, so both are kept, renormalized to 5/8 and 3/8."""
+    samples = draw([0.05, 0.5, 0.15, 0.3], p=0.6)  # unsorted on purpose: ids must map back
+    assert set(samples.tolist()) == {1, 3}
+    assert (samples == 1).float().mean().item() == pytest.approx(0.625, abs=0.03)
+
+
+def test_top_p_never_samples_from_an_empty_set():
+    assert set(draw([0.2, 0.7, 0.1], p=1e-9).tolist()) == {1}  # below the top probability: the top token
+    assert set(draw([0.0, 0.0, 1.0], p=0.5).tolist()) == {2}
+
+
+def test_top_p_of_one_keeps_every_token():
+    probs = [0.4, 0.3, 0.2, 0.08, 0.02]
+    samples = draw(probs, p=1.0, n=20000)
+    frequencies = torch.bincount(samples, minlength=5).float() / len(samples)
+    torch.testing.assert_close(frequencies, torch.tensor(probs), atol=0.015, rtol=0)
+
+
+def greedy_without_cache(model: main.Transformer, ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    """The slow way: the whole sequence through the model for every new token, take the argmax."""
+    ids = list(ids)
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = model(torch.tensor([ids]))[0][0, -1].argmax().item()
+            if token == eos_id:
+                break
+            new.append(token)
+            ids.append(token)
+    return new
+
+
+def test_temperature_zero_is_greedy_and_deterministic(tokenizer):
+    model = make_model(tokenizer.vocab_size)
+    prompt = "ROMEO:"
+    a = main.generate(model, tokenizer, prompt, 9, temperature=0, generator=torch.Generator().manual_seed(1))
+    b = main.generate(model, tokenizer, prompt, 9, temperature=0, generator=torch.Generator().manual_seed(2))
+    assert a == b
+    expected = greedy_without_cache(model, tokenizer.encode(prompt), 9, tokenizer.eos_id)
+    assert a == tokenizer.decode(expected)
+
+
+def always_predict(model: main.Transformer, token_id: int) -> main.Transformer:
+    """Replace the output layer by one whose logits strongly favour a single token, whatever the input."""
+    model.output = nn.Linear(model.params.dim, model.params.vocab_size, bias=True)
+    with torch.no_grad():
+        model.output.weight.zero_()
+        model.output.bias.zero_()
+        model.output.bias[token_id] = 50.0
+    return model
+
+
+def test_generation_stops_at_end_of_text(tokenizer):
+    model = always_predict(make_model(tokenizer.vocab_size), tokenizer.eos_id)
+    assert main.generate(model, tokenizer, "ROMEO:", 20, temperature=0.8, top_p=0.9) == ""
+
+
+def test_generation_runs_past_the_context_length(tokenizer):
+    """More new tokens than max_seq_len (16): the cache window slides instead of overflowing."""
+    a_id = tokenizer.encode("a")[0]
+    model = always_predict(make_model(tokenizer.vocab_size), a_id)
+    assert main.generate(model, tokenizer, "JULIET:", 40, temperature=1.0, top_p=1.0) == "a" * 40
+
+
+def test_prompt_with_unknown_characters_is_a_value_error(tokenizer):
+    model = make_model(tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="Ω"):
+        main.generate(model, tokenizer, "ROMEO Ω", 5)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_trains_samples_and_resumes(tmp_path, tiny_corpus, capsys, tokenizer):
+    out_dir = tmp_path / "run"
+    model_flags = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--seq-len", "16"]
+    common = ["--data", str(tiny_corpus), "--out-dir", str(out_dir), "--batch-size", "4", "--eval-iters", "2",
+              "--max-new-tokens", "20"]
+    main.main([*common, *model_flags, "--max-iters", "5"])  # the same code path as `python main.py ...`
+    assert "--- sample" in capsys.readouterr().out
+
+    for name in ("loss.csv", "loss.png", "ckpt.pt", "metrics.json"):
+        assert (out_dir / name).is_file(), name
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = pd.read_csv(out_dir / "loss.csv")
+    assert {"step", "train_loss", "val_loss"} <= set(log.columns)
+    assert log["step"].tolist() == [0, 5]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["iters"] == 5 and math.isfinite(metrics["final_val_loss"])
+    checkpoint = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 5
+    assert set(checkpoint["model"]) == meta_keys(1)
+    assert checkpoint["tokenizer"] == tokenizer.to_dict()
+
+    # --sample, as a real process: loads the checkpoint, does not train, prints prompt + greedy completion.
+    model = main.Transformer(main.ModelArgs(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    expected = main.generate(model, tokenizer, "ROMEO:", 20, temperature=0)
+    ckpt_bytes = (out_dir / "ckpt.pt").read_bytes()
+    result = subprocess.run(
+        [sys.executable, "main.py", "--sample", "--out-dir", str(out_dir), "--prompt", "ROMEO:",
+         "--max-new-tokens", "20", "--temperature", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"ROMEO:{expected}\n"
+    assert (out_dir / "ckpt.pt").read_bytes() == ckpt_bytes
+
+    # --resume: --max-iters is the total, so 5 more steps to reach 10.
+    main.main([*common, "--resume", "--max-iters", "10"])
+    capsys.readouterr()
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["step"] == 10
+    assert pd.read_csv(out_dir / "loss.csv")["step"].tolist() == [0, 5, 10]
