@@ -174,24 +174,30 @@ def plot_figures(text: str, tokenizer: CharTokenizer, fig_dir: Path) -> list[Pat
     fig_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter(text)
     chars = sorted(counts, key=counts.get, reverse=True)
-    fig, ax = plt.subplots(figsize=(12, 3.5))
+    show = {" ": "␣", "\n": "\\n"}  # make space and newline visible
+    fig, ax = plt.subplots(figsize=(13, 3.8))
     ax.bar(range(len(chars)), [counts[c] for c in chars], color="tab:blue")
-    ax.set_xticks(range(len(chars)), [repr(c)[1:-1] for c in chars], fontsize=7)
+    ax.set_xticks(range(len(chars)), [show.get(c, repr(c)[1:-1]) for c in chars], fontsize=8, family="monospace")
+    ax.set_xlim(-0.7, len(chars) - 0.3)
     ax.set_yscale("log")
-    ax.set(title="Character frequencies in the corpus", xlabel="character", ylabel="count (log scale)")
+    ax.set(title=f"Character frequencies in the corpus ({len(text):,} characters, {len(chars)} distinct)",
+           xlabel="character, most frequent first (␣ = space, \\n = newline)", ylabel="count (log scale)")
     fig.tight_layout()
     freq_path = fig_dir / "01_char_frequencies.png"
     fig.savefig(freq_path, dpi=90)
     plt.close(fig)
 
-    line = text.splitlines()[0][:24] or text[:24]
+    line = text[:24]  # the opening characters, a newline included
     ids = tokenizer.encode(line)
-    fig, ax = plt.subplots(figsize=(12, 1.8))
-    ax.imshow(np.array(ids)[None, :], cmap="viridis", aspect="auto", vmin=0, vmax=tokenizer.vocab_size)
+    fig, ax = plt.subplots(figsize=(12, 2.0))
+    ax.imshow(np.array(ids)[None, :], cmap="viridis", aspect="auto", vmin=0, vmax=tokenizer.vocab_size,
+              alpha=0.45)  # colour by id, light enough to read the text on
     for i, (c, t) in enumerate(zip(line, ids, strict=True)):
-        ax.text(i, -0.15, repr(c)[1:-1], ha="center", va="center", color="white", fontsize=11)
-        ax.text(i, 0.22, str(t), ha="center", va="center", color="white", fontsize=9)
-    ax.set(title="A line of Shakespeare as token ids (character above, id below)", xlabel="position")
+        ax.text(i, -0.15, show.get(c, c), ha="center", va="center", fontsize=13, family="monospace")
+        ax.text(i, 0.22, str(t), ha="center", va="center", fontsize=10, color="dimgray")
+    ax.set(title="The opening of the corpus as token ids (character above, its id below)",
+           xlabel="position in the sequence")
+    ax.set_xticks(range(len(ids)))
     ax.set_yticks([])
     fig.tight_layout()
     ids_path = fig_dir / "01_token_ids.png"

@@ -101,18 +101,20 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     freqs_cis = precompute_freqs_cis(head_dim, n_pos)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    im = axes[0].imshow(torch.angle(freqs_cis).T, aspect="auto", cmap="twilight", origin="lower")
-    axes[0].set(title="RoPE rotation angle (wrapped to [-pi, pi])", xlabel="position m", ylabel="pair i")
-    fig.colorbar(im, ax=axes[0], label="angle (radians)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    im = axes[0].imshow(torch.angle(freqs_cis).T.numpy(), aspect="auto", cmap="twilight", origin="lower",
+                        interpolation="nearest")
+    axes[0].set(title=f"RoPE angle m·θᵢ per dimension pair (head_dim {head_dim})", xlabel="position m",
+                ylabel="pair i (low = fast, high = slow)")
+    fig.colorbar(im, ax=axes[0], label="angle, wrapped to [-π, π] (radians)")
     # The same q and k placed at every distance: the score depends on distance alone.
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 1, head_dim, generator=g).expand(1, n_pos, 1, head_dim)
     rq, rk = apply_rotary_emb(q, q, freqs_cis)
     scores = (rq[0, :, 0] @ rk[0, 0, 0]).tolist()  # q at m, k at 0
     axes[1].plot(range(n_pos), scores)
-    axes[1].set(title="q.k of one vector with itself, moved apart", xlabel="relative distance m - n",
-                ylabel="rotated q . k")
+    axes[1].set(title="One vector as both q and k, moved apart: q·k falls with distance",
+                xlabel="relative distance m − n", ylabel="q·k after rotation")
     fig.tight_layout()
     rope_path = fig_dir / "02_rope.png"
     fig.savefig(rope_path, dpi=90)
@@ -122,8 +124,9 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
     y = RMSNorm(head_dim)(x).detach()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(x.pow(2).mean(-1).sqrt(), label="before RMSNorm")
-    ax.plot(y.pow(2).mean(-1).sqrt(), label="after RMSNorm")
-    ax.set(title="RMS of 256 token vectors", xlabel="token", ylabel="root mean square")
+    ax.plot(y.pow(2).mean(-1).sqrt(), label="after RMSNorm (weight = 1)")
+    ax.set(title=f"RMSNorm rescales every token vector to RMS 1 ({len(x)} tokens, dim {head_dim})",
+           xlabel="token (scaled up from left to right)", ylabel="root mean square of the vector")
     ax.legend()
     fig.tight_layout()
     norm_path = fig_dir / "02_rmsnorm.png"

@@ -192,28 +192,44 @@ def plot_figures(fig_dir: Path) -> list[Path]:
     x = torch.randn(1, seqlen, dim)
     with torch.no_grad():
         weights = attention_weights(attn, x, freqs_cis)[0]  # (n_heads, seqlen, seqlen)
-    fig, axes = plt.subplots(1, n_heads, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, n_heads, figsize=(14, 4.2), layout="constrained")
+    group_colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     for h, ax in enumerate(axes):
-        ax.imshow(weights[h], cmap="Blues", vmin=0, vmax=1)
-        ax.set(title=f"query head {h} (KV head {h // attn.n_rep})", xlabel="key position")
+        im = ax.imshow(weights[h].numpy(), cmap="Blues", vmin=0, vmax=1)
+        color = group_colors[h // attn.n_rep % len(group_colors)]  # one colour per shared KV head
+        ax.set_title(f"query head {h} → KV head {h // attn.n_rep}", color=color, fontweight="bold")
+        ax.set_xlabel("key position")
+        for spine in ax.spines.values():
+            spine.set(color=color, linewidth=2.5)
     axes[0].set_ylabel("query position")
-    fig.suptitle("Causal attention weights: nothing above the diagonal (GQA: heads share KV in pairs)")
-    fig.tight_layout()
+    fig.colorbar(im, ax=axes, label="attention weight", shrink=0.85)
+    fig.suptitle(f"Causal attention of an untrained layer: nothing above the diagonal. GQA: {n_heads} query heads "
+                 f"share {n_kv_heads} KV heads (same colour, same keys and values)")
     heads_path = fig_dir / "03_attention_heads.png"
     fig.savefig(heads_path, dpi=90)
     plt.close(fig)
 
-    filled = torch.zeros(seqlen, seqlen)
+    filled = torch.zeros(seqlen - 3, seqlen)  # 0 empty, 1 cached before this call, 2 written by it
     with torch.no_grad():
         attn(x[:, :4], freqs_cis[:4], start_pos=0)  # the prompt fills 4 slots at once
-        filled[0, :4] = 1
+        filled[0, :4] = 2
         for pos in range(4, seqlen):
             attn(x[:, pos : pos + 1], freqs_cis[pos : pos + 1], start_pos=pos)
-            filled[pos - 3] = (attn.cache_k[0, :, 0].abs().sum(-1) > 0).float()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.imshow(filled[: seqlen - 3], cmap="Greens", vmin=0, vmax=1, aspect="auto")
-    ax.set(title="KV cache filling during generation", xlabel="cache slot (position)",
-           ylabel="forward call (0 = prompt)")
+            written = attn.cache_k[0, :, 0].abs().sum(-1) > 0  # (max_seq_len,) slots holding a key
+            filled[pos - 3] = written.float() + (torch.arange(seqlen) == pos).float()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    cmap = matplotlib.colors.ListedColormap(["whitesmoke", "tab:green", "gold"])
+    ax.imshow(filled.numpy(), cmap=cmap, vmin=0, vmax=2, aspect="auto")
+    ax.set_xticks(range(seqlen))
+    ax.set_xticks([i - 0.5 for i in range(seqlen)], minor=True)
+    ax.set_yticks([i - 0.5 for i in range(len(filled))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    ax.set(title="The KV cache filling up: a 4-token prompt, then one token per call",
+           xlabel="cache slot (token position)", ylabel="forward call (0 = the prompt)")
+    patches = [matplotlib.patches.Patch(facecolor=c, edgecolor="gray", label=t) for c, t in
+               [("gold", "written by this call"), ("tab:green", "read from the cache"), ("whitesmoke", "empty")]]
+    ax.legend(handles=patches, loc="upper right", fontsize=9)
     fig.tight_layout()
     cache_path = fig_dir / "03_kv_cache.png"
     fig.savefig(cache_path, dpi=90)

@@ -93,9 +93,11 @@ def plot_figures(block: TransformerBlock, fig_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(z, F.relu(z), label="ReLU")
     ax.plot(z, F.gelu(z), label="GELU")
-    ax.plot(z, F.silu(z), label="SiLU (SwiGLU's gate)")
+    ax.plot(z, F.silu(z), label="SiLU(z) = z·σ(z), SwiGLU's gate", lw=2.5)
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set(title="Activation functions", xlabel="input z", ylabel="output")
+    ax.grid(alpha=0.3)
+    ax.set(title="SwiGLU's gate against ReLU and GELU\n(SwiGLU(x) = SiLU(x W1) ⊙ (x W3), then W2)",
+           xlabel="input z", ylabel="activation(z)")
     ax.legend()
     fig.tight_layout()
     act_path = fig_dir / "04_activations.png"
@@ -111,11 +113,19 @@ def plot_figures(block: TransformerBlock, fig_dir: Path) -> list[Path]:
     }
     counts = {name: sum(p.numel() for m in (mods if isinstance(mods, list) else [mods]) for p in m.parameters())
               for name, mods in parts.items()}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    n_attn = sum(v for k, v in counts.items() if k.startswith("attention"))
+    n_ffn = sum(v for k, v in counts.items() if k.startswith("ffn"))
+    total = sum(counts.values())
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = ["tab:blue"] * 4 + ["tab:orange"] * 3 + ["tab:gray"]
-    ax.barh(list(counts), list(counts.values()), color=colors)
+    bars = ax.barh(list(counts), [v / 1e6 for v in counts.values()], color=colors)
+    ax.bar_label(bars, [f"{v / 1e6:,.1f}M" if v >= 1e5 else f"{v:,}" for v in counts.values()], padding=3)
     ax.invert_yaxis()
-    ax.set(title="Parameters of one Llama 3 8B block (GQA shrinks wk, wv)", xlabel="parameters")
+    ax.set_xlim(0, max(counts.values()) / 1e6 * 1.15)
+    ax.set(title=f"Parameters of one Llama 3 8B block: attention {n_attn / total:.0%}, "
+                 f"feed-forward {n_ffn / total:.0%}\n(GQA: {block.attention.n_kv_heads} KV heads for "
+                 f"{block.attention.n_heads} query heads shrink wk and wv)",
+           xlabel="parameters (millions)")
     fig.tight_layout()
     params_path = fig_dir / "04_block_parameters.png"
     fig.savefig(params_path, dpi=90)
@@ -151,7 +161,7 @@ def main() -> None:
     for path in plot_figures(big, args.fig_dir):
         print(f"figure: {path}")
     print("caption: SiLU is a smooth ReLU that lets small negatives through; "
-          "in Llama 3 8B two thirds of each block's parameters are in the feed-forward network.")
+          "in Llama 3 8B about four fifths of each block's parameters are in the feed-forward network.")
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def write_loss_log(log: list[dict], out_dir: Path) -> None:
     ax.plot(df["step"], df["train_loss"], marker="o", ms=3, label="train")
     ax.plot(df["step"], df["val_loss"], marker="o", ms=3, label="val")
     ax.set(title="LLaMA 3 on Tiny Shakespeare", xlabel="step", ylabel="cross-entropy loss (nats per character)")
-    ax.legend(loc="upper center")
+    ax.grid(alpha=0.3)
     tokens_per_step = df["tokens"].iloc[-1] / max(1, df["step"].iloc[-1])
     top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
                                                lambda t: t * 1e6 / tokens_per_step))
@@ -290,7 +290,9 @@ def write_loss_log(log: list[dict], out_dir: Path) -> None:
     lr_ax = ax.twinx()
     lr_ax.plot(df["step"], df["lr"], color="gray", ls="--", label="learning rate")
     lr_ax.set_ylabel("learning rate")
-    lr_ax.legend(loc="upper right")
+    lr_ax.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right")  # one box: losses and learning rate
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=90)
     plt.close(fig)
@@ -386,17 +388,24 @@ def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None
         for layer in model.layers:
             weights = attention.attention_weights(layer.attention, layer.attention_norm(h), freqs_cis)[0]
             h = layer(h, freqs_cis)
-    n_heads = weights.shape[0]
-    labels = [repr(c)[1:-1] for c in tokenizer.decode(tokens[0].tolist())]
-    fig, axes = plt.subplots(1, n_heads, figsize=(4.2 * n_heads, 4.6))
-    for head, ax in enumerate(np.atleast_1d(axes)):
-        ax.imshow(weights[head], cmap="Blues")
-        ax.set_xticks(range(seqlen), labels, fontsize=6)
-        ax.set_yticks(range(seqlen), labels, fontsize=6)
-        ax.set(title=f"head {head}", xlabel="key (attended to)")
-    np.atleast_1d(axes)[0].set_ylabel("query (current character)")
-    fig.suptitle(f"Trained model, last layer: attention over {text[:40]!r}")
-    fig.tight_layout()
+    n_heads, n_rep = weights.shape[0], model.layers[-1].attention.n_rep
+    show = {" ": "␣", "\n": "\\n"}  # make space and newline visible
+    labels = [show.get(c, c) for c in tokenizer.decode(tokens[0].tolist())]
+    ncols = min(n_heads, 2)  # a 2-column grid keeps one label per character legible
+    nrows = -(-n_heads // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 6.5 * nrows + 0.6), layout="constrained",
+                             squeeze=False)
+    for head, ax in enumerate(axes.flat):
+        if head >= n_heads:
+            ax.axis("off")
+            continue
+        ax.imshow(weights[head].numpy(), cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(seqlen), labels, fontsize=6.5, family="monospace")
+        ax.set_yticks(range(seqlen), labels, fontsize=6.5, family="monospace")
+        ax.tick_params(length=0)
+        ax.set(title=f"head {head} (KV head {head // n_rep})", xlabel="key: the character attended to",
+               ylabel="query: the current character")
+    fig.suptitle(f"Trained model, last layer: causal attention over {text!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
