@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import os
 import sys
-import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -64,7 +63,7 @@ def download_corpus(path: Path, url: str = DATA_URL, sha256: str = DATA_SHA256) 
         if digest != sha256:
             raise ValueError(f"checksum mismatch for {url}: got {digest}, expected {sha256}; {hint}")
         os.replace(tmp, path)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+    except OSError as e:  # HTTP errors, timeouts and dropped connections are all OSErrors
         raise ConnectionError(f"could not download the corpus ({e}); {hint}") from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -121,7 +120,8 @@ class CharTokenizer:
         """
         unknown = sorted(set(text) - set(self.chars))
         if unknown:
-            raise ValueError(f"characters not in the vocabulary: {' '.join(map(repr, unknown))}")
+            raise ValueError(f"characters not in the vocabulary: {' '.join(map(repr, unknown))}; "
+                             f"use only characters that occur in the training text")
         ids = [self.stoi[c] for c in text]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 

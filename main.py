@@ -149,7 +149,7 @@ PRESETS: dict[str, tuple[ModelArgs, TrainConfig]] = {
     "gpu": (
         ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256, max_batch_size=64, dropout=0.2),
         TrainConfig(batch_size=64, max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
-                    beta2=0.99, eval_interval=250, eval_iters=200),
+                    beta2=0.99, eval_interval=250, eval_iters=50),
     ),
 }
 
@@ -571,6 +571,10 @@ def train(args: argparse.Namespace, t_start: float) -> None:
     if checkpoint is not None and tokenizer.chars != checkpoint["tokenizer"]["chars"]:
         raise ValueError(f"--data gives a different vocabulary than {ckpt_path} was trained on; "
                          f"use the same --data, or train a new model in another --out-dir")
+    try:  # check the prompt now, not after training
+        tokenizer.encode(args.prompt)
+    except ValueError as e:
+        raise ValueError(f"--prompt {args.prompt!r}: {e}") from e
     data = np.array(tokenizer.encode(text), dtype=np.int64)
     train_data, val_data = inputs.train_val_split(data)
     if len(val_data) <= model_args.max_seq_len:
@@ -618,10 +622,16 @@ def train(args: argparse.Namespace, t_start: float) -> None:
             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()},
         }
 
+    def diverged(loss: float) -> FloatingPointError:
+        return FloatingPointError(f"the loss became {loss} at step {step}: training diverged. "
+                                  f"The last good checkpoint is {ckpt_path}; try a lower --learning-rate")
+
     def evaluate() -> None:
         nonlocal best_val
         train_loss = estimate_loss(raw_model, train_data, cfg, model_args.max_seq_len, device, autocast)
         val_loss = estimate_loss(raw_model, val_data, cfg, model_args.max_seq_len, device, autocast)
+        if not math.isfinite(train_loss + val_loss):  # stop before a diverged model overwrites the checkpoint
+            raise diverged(train_loss + val_loss)
         best_val = min(best_val, val_loss)
         loss_log.append({"step": step, "tokens": step * tokens_per_step, "lr": get_lr(step, cfg),
                          "train_loss": train_loss, "val_loss": val_loss})
@@ -648,8 +658,7 @@ def train(args: argparse.Namespace, t_start: float) -> None:
             if ddp:  # every rank stops together, or none does
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[1]:
-                raise FloatingPointError(f"the loss became {loss} at step {step}: training diverged. "
-                                         f"The last good checkpoint is {ckpt_path}; try a lower --learning-rate")
+                raise diverged(loss)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{get_lr(step - 1, cfg):.1e}")
@@ -658,7 +667,8 @@ def train(args: argparse.Namespace, t_start: float) -> None:
                     save_checkpoint(ckpt_path, make_checkpoint())
                 bar.close()
                 log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}.\n"
-                    f"continue with: python main.py --resume --out-dir {out_dir}")
+                    f"continue with: python main.py --resume --out-dir {out_dir}"
+                    + (f" --data {args.data}" if args.data else ""))
                 raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -679,6 +689,8 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         metrics = {"final_val_loss": final_val, "final_train_loss": final_train, "train_tokens_per_s": tokens_per_s,
                    "wall_s": time.perf_counter() - t_start, "params": n_params, "iters": step, "device": device,
                    "dtype": dtype}
+        if device_type == "cuda":
+            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if ddp:
         dist.destroy_process_group()
@@ -689,7 +701,8 @@ def sample_only(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.out_dir / "ckpt.pt")
     tokenizer = inputs.CharTokenizer.from_dict(checkpoint["tokenizer"])
     if args.data is not None and inputs.CharTokenizer.from_text(inputs.load_text(args.data)).chars != tokenizer.chars:
-        raise ValueError(f"--data gives a different vocabulary than {args.out_dir / 'ckpt.pt'} was trained on")
+        raise ValueError(f"--data gives a different vocabulary than {args.out_dir / 'ckpt.pt'} was trained on; "
+                         f"drop --data, or give the file it was trained on")
     device = pick_device(args.device)
     model = Transformer(ModelArgs(**checkpoint["model_args"]))
     try:
