@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import sys
 import urllib.request
@@ -63,7 +64,7 @@ def download_corpus(path: Path, url: str = DATA_URL, sha256: str = DATA_SHA256) 
         if digest != sha256:
             raise ValueError(f"checksum mismatch for {url}: got {digest}, expected {sha256}; {hint}")
         os.replace(tmp, path)
-    except OSError as e:  # HTTP errors, timeouts and dropped connections are all OSErrors
+    except (OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, dropped connections
         raise ConnectionError(f"could not download the corpus ({e}); {hint}") from e
     finally:
         tmp.unlink(missing_ok=True)

@@ -112,6 +112,8 @@ class Transformer(nn.Module):
         """
         seqlen = tokens.shape[1]
         pos = 0 if start_pos is None else start_pos
+        if pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"positions {pos}..{pos + seqlen - 1} exceed max_seq_len {self.params.max_seq_len}")
         freqs_cis = self.freqs_cis[pos : pos + seqlen]  # (seqlen, head_dim // 2)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for layer in self.layers:
@@ -259,12 +261,17 @@ def load_checkpoint(path: Path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}: train first (python main.py --out-dir {path.parent})")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "model_args", "tokenizer", "step"} - set(checkpoint)
     except Exception as e:  # torch raises many types for a bad file; all mean the same here
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
                          f"delete it and train again") from e
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint of main.py (missing {sorted(missing)})")
+    required = {"model", "model_args", "tokenizer", "step"}
+    if not isinstance(checkpoint, dict) or required - checkpoint.keys():
+        raise ValueError(f"{path} is not a checkpoint of main.py (it needs the keys {sorted(required)})")
+    try:  # the weights must fit the model settings stored beside them
+        Transformer(ModelArgs(**checkpoint["model_args"])).load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a checkpoint of main.py ({type(e).__name__}: {e}); "
+                         f"delete it and train again") from e
     return checkpoint
 
 
@@ -428,6 +435,13 @@ def positive_int(s: str) -> int:
     return value
 
 
+def context_length(s: str) -> int:
+    value = int(s)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a context and one next character), got {s}")
+    return value
+
+
 def non_negative_int(s: str) -> int:
     value = int(s)
     if value < 0:
@@ -491,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-layers", type=positive_int, help="number of transformer blocks")
     m.add_argument("--n-heads", type=positive_int, help="query heads")
     m.add_argument("--n-kv-heads", type=positive_int, help="key/value heads (divides --n-heads; fewer = GQA)")
-    m.add_argument("--seq-len", type=positive_int, help="context length in characters (max_seq_len)")
+    m.add_argument("--seq-len", type=context_length, help="context length in characters (max_seq_len)")
     m.add_argument("--dropout", type=dropout_type, help="dropout probability in training")
 
     t = p.add_argument_group("training (default: from --preset)")
@@ -705,10 +719,7 @@ def sample_only(args: argparse.Namespace) -> None:
                          f"drop --data, or give the file it was trained on")
     device = pick_device(args.device)
     model = Transformer(ModelArgs(**checkpoint["model_args"]))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{args.out_dir / 'ckpt.pt'} does not match its own model settings: {e}") from e
+    model.load_state_dict(checkpoint["model"])
     model.to(device)
     seed = checkpoint.get("train_config", {}).get("seed", 0) if args.seed is None else args.seed
     text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -444,3 +445,27 @@ def test_same_seed_same_run(corpus: Path, tmp_path: Path, capsys):
     pd.testing.assert_frame_equal(runs["a"][0], runs["b"][0], check_exact=True)
     assert runs["a"][1] == runs["b"][1]
     assert not runs["a"][0]["train_loss"].equals(runs["c"][0]["train_loss"])  # the seed does matter
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_settings_is_refused(tmp_path):
+    """Right keys, wrong contents: a clear ValueError, not a TypeError or RuntimeError traceback."""
+    args = main.ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=10, max_seq_len=8)
+    good = {"model": main.Transformer(args).state_dict(), "model_args": asdict(args),
+            "tokenizer": {"chars": list("abcdefg")}, "step": 0}
+    for name, broken in {"foreign_args": {**good, "model_args": {**good["model_args"], "colour": "red"}},
+                         "other_shape": {**good, "model_args": {**good["model_args"], "dim": 32}}}.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(broken, path)
+        with pytest.raises(ValueError, match="not a checkpoint of main.py"):
+            main.load_checkpoint(path)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of main.py"):
+        main.load_checkpoint(tmp_path / "tensor.pt")
+
+
+def test_context_shorter_than_two_is_refused_and_longer_input_is_a_value_error():
+    with pytest.raises(SystemExit):
+        main.build_parser().parse_args(["--seq-len", "1"])
+    model = main.Transformer(main.ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=10, max_seq_len=8))
+    with pytest.raises(ValueError, match="exceed max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
