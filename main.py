@@ -477,21 +477,25 @@ def dropout_type(s: str) -> float:
     return value
 
 
+def preset_defaults(field: str) -> str:
+    """What each preset uses for a ModelArgs or TrainConfig field, for --help: ' (cpu: 128, gpu: 384)'."""
+    values = [f"{name}: {getattr(m if hasattr(m, field) else t, field)}" for name, (m, t) in PRESETS.items()]
+    return f" ({', '.join(values)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train a LLaMA 3 model on Tiny Shakespeare (character level) and sample from it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        description="Train a LLaMA 3 model on Tiny Shakespeare (character level) and sample from it.")
     io = p.add_argument_group("data, output and hardware")
     io.add_argument("--data", default=None,
                     help="UTF-8 text file to train on (default: data/tinyshakespeare.txt, downloaded if missing)")
     io.add_argument("--out-dir", type=Path, default=Path("out"),
-                    help="where ckpt.pt, loss.csv, loss.png and metrics.json go")
+                    help="where ckpt.pt, loss.csv, loss.png and metrics.json go (default: %(default)s)")
     io.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                     help="model and training sizes: 'cpu' learns in minutes on a laptop; "
-                         "'gpu' is nanoGPT's 10.7M-parameter Shakespeare size")
+                         "'gpu' is nanoGPT's 10.7M-parameter Shakespeare size (default: %(default)s)")
     io.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                    help="auto picks cuda, then mps, then cpu")
+                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     io.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="compute dtype (bfloat16 = autocast, float32 master weights); "
                          "default: bfloat16 on a CUDA GPU that supports it, else float32")
@@ -500,32 +504,44 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue training from out-dir/ckpt.pt (its model and settings, unless flags override)")
     io.add_argument("--sample", action="store_true", help="load out-dir/ckpt.pt and only generate; no training")
 
-    m = p.add_argument_group("model (default: from --preset)")
-    m.add_argument("--dim", type=positive_int, help="embedding width")
-    m.add_argument("--n-layers", type=positive_int, help="number of transformer blocks")
-    m.add_argument("--n-heads", type=positive_int, help="query heads")
-    m.add_argument("--n-kv-heads", type=positive_int, help="key/value heads (divides --n-heads; fewer = GQA)")
-    m.add_argument("--seq-len", type=context_length, help="context length in characters (max_seq_len)")
-    m.add_argument("--dropout", type=dropout_type, help="dropout probability in training")
+    m = p.add_argument_group("model (defaults come from --preset)")
+    m.add_argument("--dim", type=positive_int, help="embedding width" + preset_defaults("dim"))
+    m.add_argument("--n-layers", type=positive_int, help="transformer blocks" + preset_defaults("n_layers"))
+    m.add_argument("--n-heads", type=positive_int, help="query heads" + preset_defaults("n_heads"))
+    m.add_argument("--n-kv-heads", type=positive_int,
+                   help="key/value heads (divides --n-heads; fewer = GQA)" + preset_defaults("n_kv_heads"))
+    m.add_argument("--seq-len", type=context_length,
+                   help="context length in characters (max_seq_len)" + preset_defaults("max_seq_len"))
+    m.add_argument("--dropout", type=dropout_type, help="dropout probability in training" + preset_defaults("dropout"))
 
-    t = p.add_argument_group("training (default: from --preset)")
-    t.add_argument("--max-iters", type=positive_int, help="total optimizer steps, also after --resume")
-    t.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch (per GPU under torchrun)")
-    t.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
-    t.add_argument("--learning-rate", type=positive_float, help="peak learning rate")
-    t.add_argument("--warmup-iters", type=non_negative_int, help="steps of linear warmup")
-    t.add_argument("--lr-decay-iters", type=positive_int, help="step where the cosine decay ends (default: max-iters)")
-    t.add_argument("--eval-interval", type=positive_int, help="evaluate and save a checkpoint every N steps")
-    t.add_argument("--eval-iters", type=positive_int, help="batches per evaluation estimate")
-    t.add_argument("--seed", type=int, help="random seed (same seed, same run on CPU)")
+    t = p.add_argument_group("training (defaults come from --preset)")
+    t.add_argument("--max-iters", type=positive_int,
+                   help="total optimizer steps, also after --resume" + preset_defaults("max_iters"))
+    t.add_argument("--batch-size", type=positive_int,
+                   help="sequences per micro-batch (per process under torchrun)" + preset_defaults("batch_size"))
+    t.add_argument("--grad-accum", type=positive_int,
+                   help="micro-batches per optimizer step" + preset_defaults("grad_accum"))
+    t.add_argument("--learning-rate", type=positive_float,
+                   help="peak learning rate" + preset_defaults("learning_rate"))
+    t.add_argument("--warmup-iters", type=non_negative_int,
+                   help="steps of linear warmup" + preset_defaults("warmup_iters"))
+    t.add_argument("--lr-decay-iters", type=positive_int,
+                   help="step where the cosine decay ends (default: --max-iters)")
+    t.add_argument("--eval-interval", type=positive_int,
+                   help="evaluate and save a checkpoint every N steps" + preset_defaults("eval_interval"))
+    t.add_argument("--eval-iters", type=positive_int,
+                   help="batches per evaluation estimate" + preset_defaults("eval_iters"))
+    t.add_argument("--seed", type=int, help="random seed (same seed, same run on CPU)" + preset_defaults("seed"))
 
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue ('' starts from <|begin_of_text|>)")
-    g.add_argument("--max-new-tokens", type=non_negative_int, default=500, help="characters to generate")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="text to continue; '' starts from <|begin_of_text|> (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=non_negative_int, default=500,
+                   help="characters to generate (default: %(default)s)")
     g.add_argument("--temperature", type=temperature_type, default=0.8,
-                   help="sampling temperature; 0 = greedy (always the most likely character)")
+                   help="sampling temperature; 0 = greedy (always the most likely character) (default: %(default)s)")
     g.add_argument("--top-p", type=top_p_type, default=0.9, help="nucleus sampling: keep the most likely "
-                   "characters whose probability adds up to p (1 = keep all)")
+                   "characters whose probability adds up to p (1 = keep all) (default: %(default)s)")
     g.add_argument("--plot-attention", action="store_true",
                    help="with --sample: also draw the model's attention to out-dir/figures/main_attention.png")
     return p
