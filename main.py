@@ -52,10 +52,10 @@ class ModelArgs:
     """The architecture, with Meta's field names. Llama 3 8B is dim=4096, n_layers=32, n_heads=32,
     n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000."""
 
-    dim: int = 128
+    dim: int = 64
     n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = 2
+    n_heads: int = 2
+    n_kv_heads: int | None = 1
     vocab_size: int = -1  # set from the tokenizer
     multiple_of: int = 32
     ffn_dim_multiplier: float | None = None
@@ -129,10 +129,10 @@ class Transformer(nn.Module):
 @dataclass
 class TrainConfig:
     batch_size: int = 32
-    max_iters: int = 2000
-    learning_rate: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_iters: int = 100
+    max_iters: int = 1000
+    learning_rate: float = 8e-3
+    min_lr: float = 8e-5
+    warmup_iters: int = 50
     lr_decay_iters: int | None = None  # None: decay until max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -140,7 +140,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     eval_interval: int = 250
-    eval_iters: int = 20
+    eval_iters: int = 10
     seed: int = 1337
 
 
