@@ -12,7 +12,7 @@ three variants, on random token ids (speed does not depend on the text):
 In the same run we measure this machine's matmul peak with a large `torch.mm`, and report how
 much of it the model reaches (model FLOPs utilization, as in nanoGPT and the PaLM paper).
 
-Run:   python benchmarks/bench_train.py             # about a minute on 2 CPU cores
+Run:   python benchmarks/bench_train.py             # about half a minute on 2 CPU cores
        python benchmarks/bench_train.py --steps 5   # quicker, noisier
 The last line printed is one JSON object, so figures can be compared over time.
 """
@@ -23,6 +23,7 @@ import argparse
 import importlib
 import json
 import platform
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -84,8 +85,8 @@ def apply_rotary_emb_real(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.T
 
 
 def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, steps: int, warmup: int) -> float:
-    """Seconds per training step (the fastest of `steps` timed steps, after `warmup` untimed ones).
-    The fastest is the least disturbed by other programs on the machine."""
+    """Seconds per training step: the median of `steps` timed steps, after `warmup` untimed ones.
+    The median is what a real run sees (step times vary by +-20% here); the fastest step would flatter it."""
     torch.manual_seed(0)
     model = main.Transformer(model_args)
     for layer in model.layers:
@@ -105,7 +106,7 @@ def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, 
                 times.append(time.perf_counter() - t0)
     finally:
         rope.apply_rotary_emb = original_rope
-    return min(times)
+    return statistics.median(times)
 
 
 def check_real_rope() -> None:
@@ -118,7 +119,7 @@ def check_real_rope() -> None:
 
 def run() -> None:
     parser = argparse.ArgumentParser(description="Training tokens/s of the default model and its share of matmul peak.")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (the fastest counts)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (the median counts)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's choice)")
     args = parser.parse_args()
