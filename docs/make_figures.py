@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="corpus (default: data/tinyshakespeare.txt, downloaded if missing)")
     parser.add_argument("--fig-dir", type=Path, default=ROOT / "docs" / "figures", help="where the PNGs go")
-    parser.add_argument("--max-iters", type=int, default=400, help="training steps for the loss and attention plots")
+    parser.add_argument("--max-iters", type=int, default=1000,
+                        help="training steps for the loss and attention plots (1000: the default run)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="keep the training run (checkpoint, loss.csv) here (default: a temporary folder)")
     args, train_flags = parser.parse_known_args(argv)
