@@ -30,12 +30,15 @@ def tokenizer(tiny_text):
     return inputs.CharTokenizer.from_text(tiny_text)
 
 
-def make_model(vocab_size: int, seed: int = 0, **overrides) -> main.Transformer:
+def make_model(vocab_size: int, seed: int = 0, fused: bool = True, **overrides) -> main.Transformer:
     settings = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16,
                     max_seq_len=16, max_batch_size=2)
     settings.update(overrides)
     torch.manual_seed(seed)
-    return main.Transformer(main.ModelArgs(**settings)).eval()
+    model = main.Transformer(main.ModelArgs(**settings)).eval()
+    for layer in model.layers:
+        layer.attention.fused = fused  # False: the manual attention path
+    return model
 
 
 def meta_keys(n_layers: int) -> set[str]:
@@ -114,9 +117,7 @@ def test_training_forward_never_touches_the_kv_cache():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_cached_logits_equal_uncached_token_by_token(fused):
-    model = make_model(40)
-    for layer in model.layers:
-        layer.attention.fused = fused
+    model = make_model(40, fused=fused)
     tokens = torch.randint(40, (2, 16))
     with torch.no_grad():
         uncached, _ = model(tokens)
@@ -126,9 +127,7 @@ def test_cached_logits_equal_uncached_token_by_token(fused):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_cached_logits_equal_uncached_for_a_chunk_after_a_prefix(fused):
-    model = make_model(40)
-    for layer in model.layers:
-        layer.attention.fused = fused
+    model = make_model(40, fused=fused)
     tokens = torch.randint(40, (2, 16))
     with torch.no_grad():
         uncached, _ = model(tokens)
