@@ -88,9 +88,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if dim % n_heads or n_heads % self.n_kv_heads:
-            raise ValueError(f"need dim % n_heads == 0 and n_heads % n_kv_heads == 0, "
-                             f"got dim={dim}, n_heads={n_heads}, n_kv_heads={self.n_kv_heads}")
+        if dim % n_heads or (dim // n_heads) % 2 or n_heads % self.n_kv_heads:
+            raise ValueError(f"need dim / n_heads to be an even whole number (RoPE rotates pairs) and n_heads "
+                             f"divisible by n_kv_heads; got dim={dim}, n_heads={n_heads}, n_kv_heads={self.n_kv_heads}")
         self.n_rep = self.n_heads // self.n_kv_heads
         self.head_dim = dim // n_heads
         self.max_batch_size = max_batch_size

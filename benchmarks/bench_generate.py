@@ -46,8 +46,7 @@ def load_model(ckpt: str) -> tuple[main.Transformer, main.inputs.CharTokenizer, 
     if ckpt != "none" and path.is_file():
         checkpoint = main.load_checkpoint(path)
         tokenizer = main.inputs.CharTokenizer.from_dict(checkpoint["tokenizer"])
-        model = main.Transformer(main.ModelArgs(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
+        model = main.model_from_checkpoint(checkpoint)
         return model, tokenizer, f"trained weights from {path} (step {checkpoint['step']})"
     # The 65 characters of Tiny Shakespeare, so we need neither the corpus nor a download.
     chars = sorted(set("\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"))

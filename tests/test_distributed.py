@@ -17,7 +17,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 main = importlib.import_module("main")
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 TINY = main.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=20, max_seq_len=16, max_batch_size=8)
 CFG = main.TrainConfig(learning_rate=1e-2, weight_decay=0.1)
 
@@ -74,9 +73,9 @@ def test_grad_accumulation_of_two_equals_one_batch_twice_as_large():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
-def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path):
+def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, shakespeare_path):
     data = tmp_path / "tiny.txt"
-    data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    data.write_text(shakespeare_path.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     out_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
            "--device", "cpu", "--data", str(data), "--out-dir", str(out_dir), "--max-iters", "30",

@@ -469,3 +469,25 @@ def test_context_shorter_than_two_is_refused_and_longer_input_is_a_value_error()
     model = main.Transformer(main.ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=10, max_seq_len=8))
     with pytest.raises(ValueError, match="exceed max_seq_len 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_resume_with_a_longer_run_keeps_the_learning_rate_schedule():
+    """The cosine horizon is fixed by the first run, so --resume --max-iters 2N does not restart warm rates."""
+    first = main.build_parser().parse_args(["--max-iters", "100"])
+    model_args, cfg = main.resolve_configs(first, None)
+    assert cfg.lr_decay_iters == 100
+    checkpoint = {"model_args": asdict(model_args), "train_config": asdict(cfg)}
+    longer = main.build_parser().parse_args(["--resume", "--max-iters", "200"])
+    _, cfg2 = main.resolve_configs(longer, checkpoint)
+    assert cfg2.max_iters == 200 and cfg2.lr_decay_iters == 100
+    assert main.get_lr(150, cfg2) == cfg2.min_lr
+
+
+def test_learning_rate_below_its_floor_and_odd_head_dim_are_clear_errors():
+    with pytest.raises(ValueError, match="--min-lr"):
+        main.resolve_configs(main.build_parser().parse_args(["--learning-rate", "1e-6"]), None)
+    with pytest.raises(ValueError, match="even"):
+        main.Transformer(main.ModelArgs(dim=6, n_heads=2, n_kv_heads=1, vocab_size=10))
+    for seed in ["-1", str(2**64)]:
+        with pytest.raises(SystemExit):
+            main.build_parser().parse_args(["--seed", seed])
