@@ -36,6 +36,7 @@ DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad_id|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]
+VISIBLE = {" ": "␣", "\n": "\\n"}  # how figures show space and newline
 
 
 def download_corpus(path: Path, url: str = DATA_URL, sha256: str = DATA_SHA256) -> None:
@@ -175,10 +176,9 @@ def plot_figures(text: str, tokenizer: CharTokenizer, fig_dir: Path) -> list[Pat
     fig_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter(text)
     chars = sorted(counts, key=counts.get, reverse=True)
-    show = {" ": "␣", "\n": "\\n"}  # make space and newline visible
     fig, ax = plt.subplots(figsize=(13, 3.8))
     ax.bar(range(len(chars)), [counts[c] for c in chars], color="tab:blue")
-    ax.set_xticks(range(len(chars)), [show.get(c, repr(c)[1:-1]) for c in chars], fontsize=8, family="monospace")
+    ax.set_xticks(range(len(chars)), [VISIBLE.get(c, repr(c)[1:-1]) for c in chars], fontsize=8, family="monospace")
     ax.set_xlim(-0.7, len(chars) - 0.3)
     ax.set_yscale("log")
     ax.set(title=f"Character frequencies in the corpus ({len(text):,} characters, {len(chars)} distinct)",
@@ -194,7 +194,7 @@ def plot_figures(text: str, tokenizer: CharTokenizer, fig_dir: Path) -> list[Pat
     ax.imshow(np.array(ids)[None, :], cmap="viridis", aspect="auto", vmin=0, vmax=tokenizer.vocab_size,
               alpha=0.45)  # colour by id, light enough to read the text on
     for i, (c, t) in enumerate(zip(line, ids, strict=True)):
-        ax.text(i, -0.15, show.get(c, c), ha="center", va="center", fontsize=13, family="monospace")
+        ax.text(i, -0.15, VISIBLE.get(c, c), ha="center", va="center", fontsize=13, family="monospace")
         ax.text(i, 0.22, str(t), ha="center", va="center", fontsize=10, color="dimgray")
     ax.set(title="The opening of the corpus as token ids (character above, its id below)",
            xlabel="position in the sequence")

@@ -398,15 +398,15 @@ def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None
     tokens = torch.tensor([tokenizer.encode(text)[: model.params.max_seq_len]])
     seqlen = tokens.shape[1]
     model.eval()
+    last = model.layers[-1]
     with torch.no_grad():
         freqs_cis = model.freqs_cis[:seqlen]
         h = model.tok_embeddings(tokens)
-        for layer in model.layers:
-            weights = attention.attention_weights(layer.attention, layer.attention_norm(h), freqs_cis)[0]
-            h = layer(h, freqs_cis)
-    n_heads, n_rep = weights.shape[0], model.layers[-1].attention.n_rep
-    show = {" ": "␣", "\n": "\\n"}  # make space and newline visible
-    labels = [show.get(c, c) for c in tokenizer.decode(tokens[0].tolist())]
+        for layer in model.layers[:-1]:
+            h = layer(h, freqs_cis)  # the last layer's input
+        weights = attention.attention_weights(last.attention, last.attention_norm(h), freqs_cis)[0]
+    n_heads, n_rep = weights.shape[0], last.attention.n_rep
+    labels = [inputs.VISIBLE.get(c, c) for c in tokenizer.decode(tokens[0].tolist())]
     ncols = min(n_heads, 2)  # a 2-column grid keeps one label per character legible
     nrows = -(-n_heads // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 6.5 * nrows + 0.6), layout="constrained",

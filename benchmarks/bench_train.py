@@ -127,8 +127,7 @@ def run() -> None:
         torch.set_num_threads(args.threads)
 
     model_args, cfg = main.PRESETS["cpu"]
-    model_args = replace(model_args, vocab_size=VOCAB_SIZE, max_batch_size=max(model_args.max_batch_size,
-                                                                                cfg.batch_size))
+    model_args = replace(model_args, vocab_size=VOCAB_SIZE)
     tokens_per_step = cfg.batch_size * model_args.max_seq_len
     flops = flops_per_token(main.Transformer(model_args))
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
