@@ -2,15 +2,21 @@
 
 A language model never sees text, only integers. LLaMA 3 uses a 128K-token BPE
 vocabulary (tiktoken); we use the simplest tokenizer that still works: one token
-per character. Like LLaMA 3 we reserve special tokens after the ordinary ones:
-`<|begin_of_text|>` (BOS), `<|end_of_text|>` (EOS) and `<|pad_id|>`.
+per character. Like LLaMA 3 we put the special tokens after the ordinary ones:
+`<|begin_of_text|>` (BOS) and `<|end_of_text|>` (EOS). Meta's base tokenizer has
+no padding token, and neither do we.
 
     text --CharTokenizer.encode--> ids (numpy int64) --split--> train / val
-    train --get_batch--> x = ids[i : i+T],  y = ids[i+1 : i+T+1]
+    train --get_batch--> y = ids[i : i+T],  x = [BOS] + ids[i : i+T-1]
 
-`y` is `x` shifted left by one: at every position the model predicts the next
-character. The last 10% of the corpus is held out for validation, as nanoGPT
-does, so our losses compare with published figures.
+`x` is `y` shifted right by one, with BOS in front: at every position the model
+predicts the next character. LLaMA 3 generates from `<|begin_of_text|>` + prompt,
+so every training window opens with BOS too: the model learns what BOS means
+(a start with no context), and generation starts from an input it was trained on.
+The corpus has no document ends, so EOS never occurs in training.
+
+The last 10% of the corpus is held out for validation, as nanoGPT does, so our
+losses compare with published figures.
 
 Needs: nothing from the other chapters.
 Run:   python 01_input_block.py [--data PATH]
@@ -34,8 +40,8 @@ DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tiny
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 
-BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad_id|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD]
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+SPECIAL_TOKENS = [BOS, EOS]
 VISIBLE = {" ": "␣", "\n": "\\n"}  # how figures show space and newline
 
 
@@ -103,7 +109,7 @@ class CharTokenizer:
         self.chars = list(chars)
         self.itos = self.chars + SPECIAL_TOKENS
         self.stoi = {s: i for i, s in enumerate(self.itos)}
-        self.bos_id, self.eos_id, self.pad_id = (self.stoi[s] for s in SPECIAL_TOKENS)
+        self.bos_id, self.eos_id = (self.stoi[s] for s in SPECIAL_TOKENS)
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -146,21 +152,29 @@ def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.nd
     return ids[:n], ids[n:]
 
 
-def get_batch(
-    data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample `batch_size` random windows of `seq_len` tokens and their next-token targets.
+def inputs_for(targets: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """The model's inputs for windows of targets: BOS, then the targets shifted right by one.
 
-    The generator is the only source of randomness, so saving its state saves the
-    position in the data stream (that is what makes `--resume` exact).
+    (batch, T) targets [d_i .. d_i+T-1] -> (batch, T) inputs [BOS, d_i .. d_i+T-2].
+    """
+    return torch.cat([torch.full_like(targets[:, :1], bos_id), targets[:, :-1]], dim=1)
+
+
+def get_batch(
+    data: np.ndarray, batch_size: int, seq_len: int, bos_id: int, generator: torch.Generator, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `batch_size` random windows of `seq_len` targets and their inputs, each opening with BOS.
+
+    The generator is the only source of randomness: the same generator state gives the
+    same batches, so a saved state is a saved position in the data stream.
 
     Returns:
-        x, y: int64 tensors of shape (batch_size, seq_len); y[:, t] == x[:, t + 1].
+        x, y: int64 tensors of shape (batch_size, seq_len); x[:, 0] is BOS and x[:, t + 1] == y[:, t].
     """
-    ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator).numpy()
-    rows = ix[:, None] + np.arange(seq_len + 1)  # (batch_size, seq_len + 1)
-    chunk = torch.from_numpy(data[rows])
-    x, y = chunk[:, :-1], chunk[:, 1:]
+    ix = torch.randint(len(data) - seq_len + 1, (batch_size,), generator=generator).numpy()
+    rows = ix[:, None] + np.arange(seq_len)  # (batch_size, seq_len)
+    y = torch.from_numpy(data[rows])
+    x = inputs_for(y, bos_id)
     if device != "cpu":
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x, y
@@ -228,9 +242,10 @@ def main() -> None:
     data = np.array(tokenizer.encode(text), dtype=np.int64)
     train, val = train_val_split(data)
     print(f"train {len(train):,} tokens, val {len(val):,} tokens")
-    x, y = get_batch(train, batch_size=2, seq_len=8, generator=torch.Generator().manual_seed(0))
+    x, y = get_batch(train, batch_size=2, seq_len=8, bos_id=tokenizer.bos_id,
+                     generator=torch.Generator().manual_seed(0))
     print(f"x {tuple(x.shape)}: {tokenizer.decode(x[0].tolist())!r}")
-    print(f"y {tuple(y.shape)}: {tokenizer.decode(y[0].tolist())!r}  (x shifted by one)")
+    print(f"y {tuple(y.shape)}: {tokenizer.decode(y[0].tolist())!r}  (the next character at every position)")
     for path in plot_figures(text, tokenizer, args.fig_dir):
         print(f"figure: {path}")
     print("caption: the corpus is mostly lower-case letters and spaces; each character becomes one id.")

@@ -13,6 +13,10 @@ and a payload (value v). The output is a weighted sum of values:
 - KV cache: generating one token at a time, the keys and values of earlier
   tokens never change, so we keep them and only compute the new token's.
 
+Dropout (on the attention weights and on the output) is ours, not Meta's: their
+`Attention` only runs trained weights, while our larger GPU preset needs it to
+keep from overfitting Tiny Shakespeare. It is active only in training mode.
+
 Two paths compute the same thing: a readable manual one (scores, mask, softmax)
 and PyTorch's fused `F.scaled_dot_product_attention`, which is faster and never
 stores the (seqlen x seqlen) score matrix. Tests check that they agree.
@@ -111,7 +115,7 @@ class Attention(nn.Module):
         """
         Args:
             x: (bsz, seqlen, dim)
-            freqs_cis: (seqlen, head_dim // 2), RoPE rows for positions start_pos .. start_pos + seqlen.
+            freqs_cis: (seqlen, head_dim // 2), RoPE rows for positions start_pos .. start_pos + seqlen - 1.
             start_pos: None in training (no cache). In generation, the position of x's first
                 token: 0 starts a new sequence, later calls continue from the cache.
         Returns:
@@ -161,7 +165,10 @@ class Attention(nn.Module):
             raise ValueError(f"KV cache holds {self.max_batch_size} x {self.max_seq_len} tokens; "
                              f"got batch {bsz}, positions up to {start_pos + seqlen}")
         if self.cache_k is None or self.cache_k.device != xk.device or self.cache_k.dtype != xk.dtype:
-            # Allocated lazily, on the device and in the dtype of the first cached call.
+            # Allocated lazily, on the device and in the dtype of a sequence's first call (start_pos 0).
+            if start_pos > 0:  # a new cache now would hold none of the earlier keys
+                raise ValueError(f"no KV cache in {xk.dtype} on {xk.device} for start_pos {start_pos}: the model "
+                                 f"changed dtype or device mid-sequence; start the sequence again at start_pos 0")
             shape = (self.max_batch_size, self.max_seq_len, self.n_kv_heads, self.head_dim)
             self.cache_k = torch.zeros(shape, device=xk.device, dtype=xk.dtype)
             self.cache_v = torch.zeros(shape, device=xk.device, dtype=xk.dtype)

@@ -67,7 +67,11 @@ class ModelArgs:
 
 
 class Transformer(nn.Module):
-    """The LLaMA 3 decoder (Meta's `Transformer`); state-dict keys match Meta's checkpoints."""
+    """The LLaMA 3 decoder: Meta's `Transformer`, with the same layers, maths and state-dict keys.
+
+    The weight initialization is ours, not Meta's: their reference code defines none, because it only
+    ever loads trained weights. We train from scratch, so we use GPT-2's (below), which works well at this size.
+    """
 
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -207,14 +211,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, seq_len: int, device: str,
+def estimate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, seq_len: int, bos_id: int, device: str,
                   autocast) -> float:
     """Mean loss over eval_iters random batches; the same batches every call (a fixed seed)."""
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_iters):
-        x, y = inputs.get_batch(data, cfg.batch_size, seq_len, generator, device)
+        x, y = inputs.get_batch(data, cfg.batch_size, seq_len, bos_id, generator, device)
         with autocast:
             losses.append(model(x, y)[1].item())
     model.train()
@@ -222,13 +226,14 @@ def estimate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, seq_len:
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, data: np.ndarray, seq_len: int, batch_size: int, device: str,
+def evaluate_split(model: nn.Module, data: np.ndarray, seq_len: int, bos_id: int, batch_size: int, device: str,
                    autocast) -> float:
-    """Mean next-token loss over every non-overlapping window of a whole split."""
+    """Mean next-token loss over a whole split, cut into windows of seq_len targets that each open
+    with BOS (as in training): every token of the split is predicted once, except a last partial window."""
     model.eval()
-    n = (len(data) - 1) // seq_len
-    x_all = torch.from_numpy(data[: n * seq_len]).view(n, seq_len)
-    y_all = torch.from_numpy(data[1 : n * seq_len + 1]).view(n, seq_len)
+    n = len(data) // seq_len
+    y_all = torch.from_numpy(data[: n * seq_len]).view(n, seq_len)  # (n, seq_len) targets
+    x_all = inputs.inputs_for(y_all, bos_id)
     total = 0.0
     for i in range(0, n, batch_size):
         x, y = x_all[i : i + batch_size].to(device), y_all[i : i + batch_size].to(device)
@@ -318,8 +323,9 @@ def write_loss_log(log: list[dict], out_dir: Path) -> None:
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Nucleus sampling (Meta's `sample_top_p`): sample from the smallest set of most likely
-    tokens whose probability reaches p. The token that crosses p is kept, so the set is never empty.
+    """Nucleus sampling (Meta's `sample_top_p`): keep the most likely tokens, in order, until their total
+    probability exceeds p, and sample among them. A token is dropped only when the tokens before it already
+    hold more than p, so the token that crosses p is kept and the set is never empty.
 
     Args:
         probs: (bsz, vocab_size), rows sum to 1.
@@ -341,8 +347,9 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, te
     """Continue `prompt` by up to max_new_tokens characters and return only the new text.
 
     The prompt runs through the model once (start_pos=0), then one token at a time through the
-    KV cache. When the cache is full the window slides: the last half of the context becomes a
-    new prompt. Stops early at <|end_of_text|>. temperature 0 is greedy (argmax).
+    KV cache. Like every training window, the context opens with <|begin_of_text|>. When the
+    cache is full the window slides: BOS and the last half of the context become a new prompt.
+    Stops early at <|end_of_text|>. temperature 0 is greedy (argmax).
 
     Raises:
         ValueError: bad arguments, or prompt characters outside the vocabulary.
@@ -354,8 +361,9 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, te
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_seq_len = model.params.max_seq_len
-    tokens = tokenizer.encode(prompt) or [tokenizer.bos_id]  # an empty prompt starts from BOS
-    if len(tokens) > max_seq_len - 1:
+    bos = tokenizer.bos_id
+    tokens = tokenizer.encode(prompt)
+    if len(tokens) > max_seq_len - 1:  # BOS + prompt must fit the context
         print(f"note: the prompt is longer than the context; keeping its last {max_seq_len - 1} characters",
               file=sys.stderr)
         tokens = tokens[-(max_seq_len - 1) :]
@@ -364,7 +372,7 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, te
     model.eval()
 
     new_tokens: list[int] = []
-    context = tokens
+    context = [bos, *tokens]  # like every training window, generation opens with <|begin_of_text|>
     while len(new_tokens) < max_new_tokens:
         if context is not None:  # (re)fill the cache with the whole context
             logits, _ = model(torch.tensor([context], device=device), start_pos=0)
@@ -380,7 +388,7 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, te
             break
         new_tokens.append(token)
         if pos == max_seq_len:  # cache full: slide the window
-            context = (tokens + new_tokens)[-(max_seq_len // 2) :]
+            context = [bos, *(tokens + new_tokens)[-(max_seq_len // 2) :]]
         else:
             logits, _ = model(next_token.view(1, 1), start_pos=pos)
             pos += 1
@@ -494,7 +502,7 @@ def dropout_type(s: str) -> float:
 
 
 def preset_defaults(field: str) -> str:
-    """What each preset uses for a ModelArgs or TrainConfig field, for --help: ' (cpu: 128, gpu: 384)'."""
+    """What each preset uses for a ModelArgs or TrainConfig field, for --help: ' (cpu: 64, gpu: 384)' for dim."""
     values = [f"{name}: {getattr(m if hasattr(m, field) else t, field)}" for name, (m, t) in PRESETS.items()]
     return f" ({', '.join(values)})"
 
@@ -553,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=DEFAULT_PROMPT,
-                   help="text to continue; '' starts from <|begin_of_text|> (default: %(default)s)")
+                   help="text to continue, after <|begin_of_text|>; '' starts from it alone (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=non_negative_int, default=500,
                    help="characters to generate (default: %(default)s)")
     g.add_argument("--temperature", type=temperature_type, default=0.8,
@@ -680,8 +688,10 @@ def train(args: argparse.Namespace, t_start: float) -> None:
 
     def evaluate() -> None:
         nonlocal best_val
-        train_loss = estimate_loss(raw_model, train_data, cfg, model_args.max_seq_len, device, autocast)
-        val_loss = estimate_loss(raw_model, val_data, cfg, model_args.max_seq_len, device, autocast)
+        train_loss = estimate_loss(raw_model, train_data, cfg, model_args.max_seq_len, tokenizer.bos_id, device,
+                                   autocast)
+        val_loss = estimate_loss(raw_model, val_data, cfg, model_args.max_seq_len, tokenizer.bos_id, device,
+                                 autocast)
         if not math.isfinite(train_loss + val_loss):  # stop before a diverged model overwrites the checkpoint
             raise diverged(train_loss + val_loss)
         best_val = min(best_val, val_loss)
@@ -701,8 +711,8 @@ def train(args: argparse.Namespace, t_start: float) -> None:
                 evaluate()
                 save_checkpoint(ckpt_path, make_checkpoint())
             t0 = time.perf_counter()
-            batches = [inputs.get_batch(train_data, cfg.batch_size, model_args.max_seq_len, data_gen, device)
-                       for _ in range(cfg.grad_accum)]
+            batches = [inputs.get_batch(train_data, cfg.batch_size, model_args.max_seq_len, tokenizer.bos_id,
+                                        data_gen, device) for _ in range(cfg.grad_accum)]
             loss = train_step(model, optimizer, batches, get_lr(step, cfg), cfg.grad_clip, autocast)
             train_time += time.perf_counter() - t0
             train_steps += 1
@@ -729,7 +739,8 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         if not (loss_log and loss_log[-1]["step"] == step):
             evaluate()
         final_train = loss_log[-1]["train_loss"]
-        final_val = evaluate_split(raw_model, val_data, model_args.max_seq_len, cfg.batch_size, device, autocast)
+        final_val = evaluate_split(raw_model, val_data, model_args.max_seq_len, tokenizer.bos_id, cfg.batch_size,
+                                   device, autocast)
         save_checkpoint(ckpt_path, make_checkpoint())
         write_loss_log(loss_log, out_dir)
         tokens_per_s = train_steps * tokens_per_step / train_time if train_time else float("nan")

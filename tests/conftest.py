@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
+inputs = importlib.import_module("01_input_block")
+
 # The tests use tiny tensors: one thread is fastest, and stays fast when other jobs share the CPU.
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-# Offline copy (see the guide), then the file that `python main.py` downloads.
-SHAKESPEARE_CANDIDATES = [
-    REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
-    REPO / "data" / "tinyshakespeare.txt",
-]
 
 VERSE = """ROMEO:
 But soft, what light through yonder window breaks?
@@ -44,8 +40,7 @@ def tiny_corpus(tmp_path: Path, tiny_text: str) -> Path:
 
 @pytest.fixture(scope="session")
 def shakespeare_path() -> Path:
-    """The real corpus; the tests never download it."""
-    for path in SHAKESPEARE_CANDIDATES:
-        if path.is_file():
-            return path
-    pytest.fail(f"Tiny Shakespeare not found; put it at one of {[str(p) for p in SHAKESPEARE_CANDIDATES]}")
+    """The real corpus, for the tests about the corpus itself (they have `shakespeare` in their names).
+    Found as a learner finds it: data/tinyshakespeare.txt, else downloaded and checksum-verified."""
+    inputs.load_text()  # downloads only when the file is missing
+    return inputs.DEFAULT_DATA_PATH

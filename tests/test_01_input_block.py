@@ -37,18 +37,18 @@ def test_vocabulary_is_sorted_characters_then_special_tokens():
     tok = inputs.CharTokenizer.from_text("cabbage")
     assert tok.chars == ["a", "b", "c", "e", "g"]
     assert tok.encode("abc") == [0, 1, 2]
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (5, 6, 7)
-    assert tok.vocab_size == 8
+    assert (tok.bos_id, tok.eos_id) == (5, 6)
+    assert tok.vocab_size == 7  # no padding token: Meta's base tokenizer has none
 
 
-def test_tiny_shakespeare_has_65_characters_plus_3_special_tokens(shakespeare_path):
+def test_tiny_shakespeare_has_65_characters_plus_2_special_tokens(shakespeare_path):
     text = inputs.load_text(shakespeare_path)
     assert len(text) == 1_115_394
     tok = inputs.CharTokenizer.from_text(text)
     assert len(tok.chars) == 65
-    assert tok.vocab_size == 68
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (65, 66, 67)
-    assert [tok.decode([i]) for i in (65, 66, 67)] == ["<|begin_of_text|>", "<|end_of_text|>", "<|pad_id|>"]
+    assert tok.vocab_size == 67
+    assert (tok.bos_id, tok.eos_id) == (65, 66)
+    assert [tok.decode([i]) for i in (65, 66)] == ["<|begin_of_text|>", "<|end_of_text|>"]
 
 
 def test_unknown_characters_raise_value_error_naming_them():
@@ -74,7 +74,7 @@ def test_to_dict_from_dict_restores_the_same_tokenizer(tiny_text):
     data = tok.to_dict()
     restored = inputs.CharTokenizer.from_dict(json.loads(json.dumps(data)))  # plain data survives JSON
     assert restored.vocab_size == tok.vocab_size
-    assert (restored.bos_id, restored.eos_id, restored.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert (restored.bos_id, restored.eos_id) == (tok.bos_id, tok.eos_id)
     assert restored.encode("Juliet is the sun.", bos=True, eos=True) == tok.encode("Juliet is the sun.", bos=True,
                                                                                      eos=True)
     assert restored.decode(list(range(tok.vocab_size))) == tok.decode(list(range(tok.vocab_size)))
@@ -97,29 +97,31 @@ def test_split_sizes_on_tiny_shakespeare(shakespeare_path):
     assert (len(train), len(val)) == (1_003_854, 111_540)  # nanoGPT's numbers
 
 
-def test_get_batch_shapes_dtypes_and_shift():
+BOS_ID = 999  # outside the data's values, so it cannot be mistaken for a data token
+
+
+def test_get_batch_shapes_dtypes_bos_and_shift():
     data = np.arange(50, dtype=np.int64) * 3  # every value tells where it came from
-    x, y = inputs.get_batch(data, batch_size=4, seq_len=8, generator=torch.Generator().manual_seed(0))
+    x, y = inputs.get_batch(data, batch_size=4, seq_len=8, bos_id=BOS_ID, generator=torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 8)
     assert x.dtype == y.dtype == torch.int64
-    assert torch.equal(y[:, :-1], x[:, 1:])  # y is x shifted left by one
-    assert torch.equal(y, x + 3)  # y[t] is the token right after x[t] in the data
-    assert torch.equal(x[:, 1:] - x[:, :-1], torch.full((4, 7), 3))  # each row is one contiguous window
+    assert torch.equal(x[:, 0], torch.full((4,), BOS_ID))  # every window opens with BOS
+    assert torch.equal(x[:, 1:], y[:, :-1])  # the input at t + 1 is the target at t
+    assert torch.equal(y[:, 1:] - y[:, :-1], torch.full((4, 7), 3))  # each row is one contiguous window
 
 
 def test_get_batch_is_reproducible_and_reaches_every_window():
     data = np.arange(20, dtype=np.int64)
-    x1, _ = inputs.get_batch(data, 64, 4, torch.Generator().manual_seed(7))
-    x2, _ = inputs.get_batch(data, 64, 4, torch.Generator().manual_seed(7))
+    x1, _ = inputs.get_batch(data, 64, 4, BOS_ID, torch.Generator().manual_seed(7))
+    x2, _ = inputs.get_batch(data, 64, 4, BOS_ID, torch.Generator().manual_seed(7))
     assert torch.equal(x1, x2)
-    # 20 tokens, windows of 4 plus the target: starts 0 .. 15, the last one ends on the last token.
+    # 20 tokens, windows of 4 targets: starts 0 .. 16, the last one ends on the last token.
     gen = torch.Generator().manual_seed(0)
     starts = set()
     for _ in range(20):
-        x, y = inputs.get_batch(data, 64, 4, gen)
-        starts |= set(x[:, 0].tolist())
-        assert int(y.max()) <= 19
-    assert starts == set(range(16))
+        _, y = inputs.get_batch(data, 64, 4, BOS_ID, gen)
+        starts |= set(y[:, 0].tolist())
+    assert starts == set(range(17))
 
 
 # ----------------------------------------------------------------------------- load_text

@@ -172,3 +172,31 @@ def test_cache_overflow_is_a_clear_error():
     x, freqs_cis = inputs_for(attn)
     with torch.no_grad(), pytest.raises(ValueError, match="KV cache"):
         attn(x[:, :2], freqs_cis[:2], start_pos=SEQLEN - 1)
+
+
+def test_cache_in_another_dtype_mid_sequence_is_an_error_not_a_silent_reset():
+    attn = make_attention()
+    x, freqs_cis = inputs_for(attn)
+    with torch.no_grad():
+        attn(x[:, :4], freqs_cis[:4], start_pos=0)
+        attn.to(torch.float64)
+        with pytest.raises(ValueError, match="start_pos 0"):
+            attn(x[:, 4:5].double(), freqs_cis[4:5], start_pos=4)
+        attn(x[:, :4].double(), freqs_cis[:4], start_pos=0)  # a new sequence gets a new cache
+    assert attn.cache_k.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_is_off_in_eval_mode_and_on_in_training(fused):
+    """Dropout is ours (the GPU preset uses 0.3): evaluation and generation must not drop anything."""
+    plain = make_attention(fused=fused)
+    dropped = make_attention(fused=fused, dropout=0.5)  # same seed, same weights
+    x, freqs_cis = inputs_for(plain)
+    with torch.no_grad():
+        assert torch.equal(dropped(x, freqs_cis), plain(x, freqs_cis))
+        dropped.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(dropped(x, freqs_cis), plain(x, freqs_cis))

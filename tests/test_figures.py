@@ -10,15 +10,13 @@ EXPECTED = ["01_char_frequencies.png", "01_token_ids.png", "02_rope.png", "02_rm
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_make_figures_writes_every_png(tmp_path: Path, shakespeare_path: Path) -> None:
-    corpus = tmp_path / "tiny.txt"
-    corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[:5000], encoding="utf-8")
+def test_make_figures_writes_every_png(tmp_path: Path, tiny_corpus: Path) -> None:
     spec = importlib.util.spec_from_file_location("make_figures", REPO / "docs" / "make_figures.py")
     make_figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_figures)
 
     fig_dir = tmp_path / "figures"
-    make_figures.main(["--data", str(corpus), "--fig-dir", str(fig_dir), "--max-iters", "2",
+    make_figures.main(["--data", str(tiny_corpus), "--fig-dir", str(fig_dir), "--max-iters", "2",
                        "--dim", "16", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--seq-len", "32",
                        "--batch-size", "4", "--eval-iters", "1", "--max-new-tokens", "0", "--device", "cpu"])
 

@@ -75,6 +75,15 @@ def test_loss_is_next_token_cross_entropy_near_log_vocab_at_init():
     assert abs(loss.item() - math.log(40)) < 0.1  # small init: close to a uniform guess
 
 
+def test_rope_theta_reaches_the_rotary_tables(tokenizer):
+    """The same weights with another rope_theta must give other logits: the model uses its own theta."""
+    tokens = torch.tensor([tokenizer.encode("Deny thy father")])
+    with torch.no_grad():
+        llama3 = make_model(tokenizer.vocab_size, rope_theta=500000.0)(tokens)[0]
+        llama2 = make_model(tokenizer.vocab_size, rope_theta=10000.0)(tokens)[0]  # same seed, same weights
+    assert not torch.allclose(llama3, llama2, atol=1e-4)
+
+
 def test_state_dict_keys_are_exactly_metas():
     """RoPE tables and KV caches stay out; nothing else gets in."""
     model = make_model(40, n_layers=3)
@@ -170,15 +179,48 @@ def test_thirty_steps_on_a_tiny_corpus_lower_the_loss(tokenizer, tiny_text):
     model = make_model(tokenizer.vocab_size, n_layers=1, n_heads=2, n_kv_heads=1, max_batch_size=8).train()
     cfg = main.TrainConfig(batch_size=8, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=3, eval_iters=4)
     optimizer = main.configure_optimizer(model, cfg, "cpu")
-    before = main.estimate_loss(model, val_data, cfg, 16, "cpu", nullcontext())
+    before = main.estimate_loss(model, val_data, cfg, 16, tokenizer.bos_id, "cpu", nullcontext())
     generator = torch.Generator().manual_seed(0)
     for step in range(cfg.max_iters):
-        batch = inputs.get_batch(train_data, cfg.batch_size, 16, generator)
+        batch = inputs.get_batch(train_data, cfg.batch_size, 16, tokenizer.bos_id, generator)
         loss = main.train_step(model, optimizer, [batch], main.get_lr(step, cfg), cfg.grad_clip, nullcontext())
         assert math.isfinite(loss)
-    after = main.estimate_loss(model, val_data, cfg, 16, "cpu", nullcontext())
+    after = main.estimate_loss(model, val_data, cfg, 16, tokenizer.bos_id, "cpu", nullcontext())
     assert before == pytest.approx(math.log(tokenizer.vocab_size), abs=0.15)
     assert after < before - 0.5
+
+
+def test_evaluate_split_is_the_mean_loss_over_every_token_by_hand(tokenizer, tiny_text):
+    """Every token of the split is a target once, predicted from BOS and the tokens before it in its window."""
+    model = make_model(tokenizer.vocab_size, max_seq_len=8)
+    data = np.array(tokenizer.encode(tiny_text[:83]), dtype=np.int64)  # 10 windows of 8, 3 tokens left over
+    got = main.evaluate_split(model, data, 8, tokenizer.bos_id, 3, "cpu", nullcontext())
+    losses = []
+    with torch.no_grad():
+        for start in range(0, 80, 8):
+            window = data[start : start + 8].tolist()
+            logits = model(torch.tensor([[tokenizer.bos_id, *window[:-1]]]))[0][0]  # (8, vocab_size)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            losses += [-log_probs[t, window[t]].item() for t in range(8)]
+    assert got == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_bf16_autocast_runs_the_training_step_in_bfloat16(tokenizer, tiny_text):
+    """The --dtype bfloat16 path of train_step, on CPU: the same batch gives a loss close to float32's
+    but not equal to it (the matmuls really ran in bfloat16), and the weights stay float32."""
+    data = np.array(tokenizer.encode(tiny_text), dtype=np.int64)
+    batch = inputs.get_batch(data, 4, 16, tokenizer.bos_id, torch.Generator().manual_seed(0))
+    cfg = main.TrainConfig()
+    losses = {}
+    for name, autocast in [("fp32", nullcontext()), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))]:
+        model = make_model(tokenizer.vocab_size).train()
+        optimizer = main.configure_optimizer(model, cfg, "cpu")
+        before = model.output.weight.detach().clone()
+        losses[name] = main.train_step(model, optimizer, [batch], 1e-3, cfg.grad_clip, autocast)
+        assert model.output.weight.dtype == torch.float32
+        assert not torch.equal(model.output.weight, before)  # a step was taken
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.02)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -241,18 +283,23 @@ def test_top_p_of_one_keeps_every_token():
     torch.testing.assert_close(frequencies, torch.tensor(probs), atol=0.015, rtol=0)
 
 
-def greedy_without_cache(model: main.Transformer, ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
-    """The slow way: the whole sequence through the model for every new token, take the argmax."""
-    ids = list(ids)
-    new = []
+def greedy_without_cache(model: main.Transformer, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The slow way: BOS + the visible window through the model for every new token, take the argmax.
+    When BOS + the window would not fit max_seq_len, the window restarts at the newest half."""
+    max_seq_len = model.params.max_seq_len
+    seq = tokenizer.encode(prompt)
+    start, new = 0, []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            token = model(torch.tensor([ids]))[0][0, -1].argmax().item()
-            if token == eos_id:
+            context = [tokenizer.bos_id, *seq[start:]]
+            token = model(torch.tensor([context]))[0][0, -1].argmax().item()
+            if token == tokenizer.eos_id:
                 break
             new.append(token)
-            ids.append(token)
-    return new
+            seq.append(token)
+            if 1 + len(seq) - start > max_seq_len:
+                start = len(seq) - max_seq_len // 2
+    return tokenizer.decode(new)
 
 
 def test_temperature_zero_is_greedy_and_deterministic(tokenizer):
@@ -261,8 +308,26 @@ def test_temperature_zero_is_greedy_and_deterministic(tokenizer):
     a = main.generate(model, tokenizer, prompt, 9, temperature=0, generator=torch.Generator().manual_seed(1))
     b = main.generate(model, tokenizer, prompt, 9, temperature=0, generator=torch.Generator().manual_seed(2))
     assert a == b
-    expected = greedy_without_cache(model, tokenizer.encode(prompt), 9, tokenizer.eos_id)
-    assert a == tokenizer.decode(expected)
+    assert a == greedy_without_cache(model, tokenizer, prompt, 9)
+
+
+def test_generation_past_the_context_slides_to_the_newest_tokens(tokenizer):
+    """60 new tokens with max_seq_len 16: the cache fills and the window slides several times. The
+    model is random but sharp (large weights), so its argmax depends on which tokens it sees."""
+    model = make_model(tokenizer.vocab_size, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(15)
+    # Special tokens are forbidden: only a bug can end generation early, and every character is one token.
+    special = torch.tensor([tokenizer.bos_id, tokenizer.eos_id])
+    model.output.register_forward_hook(lambda module, args, out: out.index_fill(-1, special, float("-inf")))
+    text = main.generate(model, tokenizer, "JULIET:", 60, temperature=0)
+    assert len(text) == 60
+    assert text == greedy_without_cache(model, tokenizer, "JULIET:", 60)
+    sampled = main.generate(model, tokenizer, "JULIET:", 60, temperature=1.0, top_p=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert len(sampled) == 60
 
 
 def always_predict(model: main.Transformer, token_id: int) -> main.Transformer:
@@ -285,6 +350,22 @@ def test_generation_runs_past_the_context_length(tokenizer):
     a_id = tokenizer.encode("a")[0]
     model = always_predict(make_model(tokenizer.vocab_size), a_id)
     assert main.generate(model, tokenizer, "JULIET:", 40, temperature=1.0, top_p=1.0) == "a" * 40
+
+
+def test_empty_prompt_starts_from_bos_alone(tokenizer):
+    model = make_model(tokenizer.vocab_size, seed=1)
+    text = main.generate(model, tokenizer, "", max_new_tokens=8, temperature=0)
+    assert text and text == greedy_without_cache(model, tokenizer, "", 8)
+
+
+def test_long_prompt_keeps_its_last_tokens(tokenizer, capsys):
+    model = make_model(tokenizer.vocab_size, seed=1)
+    prompt = "ROMEO: But soft, what light through yonder window breaks?"  # 57 characters, context 16
+    text = main.generate(model, tokenizer, prompt, max_new_tokens=30, temperature=0)
+    err = capsys.readouterr().err
+    assert err.count("note: the prompt is longer than the context") == 1
+    assert "last 15 characters" in err  # BOS + 15 characters fill the 16 positions
+    assert text == greedy_without_cache(model, tokenizer, prompt[-15:], 30)
 
 
 def test_prompt_with_unknown_characters_is_a_value_error(tokenizer):
@@ -320,7 +401,7 @@ def test_cli_trains_samples_and_resumes(tmp_path, tiny_corpus, capsys, tokenizer
     # --sample, as a real process: loads the checkpoint, does not train, prints prompt + greedy completion.
     model = main.Transformer(main.ModelArgs(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
-    expected = main.generate(model, tokenizer, "ROMEO:", 20, temperature=0)
+    expected = greedy_without_cache(model.eval(), tokenizer, "ROMEO:", 20)
     ckpt_bytes = (out_dir / "ckpt.pt").read_bytes()
     result = subprocess.run(
         [sys.executable, "main.py", "--sample", "--out-dir", str(out_dir), "--prompt", "ROMEO:",

@@ -278,49 +278,6 @@ def test_download_succeeds_with_the_right_checksum(server_url, tmp_path: Path, m
 # ----------------------------------------------------------------------------- edge input
 
 
-def greedy_without_cache(model: main.Transformer, tokens: list[int], n: int, eos_id: int) -> list[int]:
-    """Reference for the sliding window: the full context through the model at every step, no cache;
-    when the context is full, its last max_seq_len // 2 tokens become the new context."""
-    max_seq_len = model.params.max_seq_len
-    context, new = list(tokens), []
-    while len(new) < n:
-        logits, _ = model(torch.tensor([context]))
-        token = int(logits[0, -1].argmax())
-        if token == eos_id:
-            break
-        new.append(token)
-        context = context + new[-1:] if len(context) < max_seq_len else (tokens + new)[-(max_seq_len // 2):]
-    return new
-
-
-def test_empty_prompt_starts_from_bos(tiny_model):
-    model, tokenizer = tiny_model
-    text = main.generate(model, tokenizer, "", max_new_tokens=8, temperature=0)
-    assert text and text == tokenizer.decode(greedy_without_cache(model, [tokenizer.bos_id], 8, tokenizer.eos_id))
-
-
-def test_long_prompt_keeps_its_last_tokens(tiny_model, capsys):
-    model, tokenizer = tiny_model
-    prompt = "ROMEO: But soft, what light through yonder window breaks?"  # 57 characters, context 16
-    text = main.generate(model, tokenizer, prompt, max_new_tokens=30, temperature=0)
-    err = capsys.readouterr().err
-    assert err.count("note: the prompt is longer than the context") == 1 and "last 15 characters" in err
-    assert text == tokenizer.decode(greedy_without_cache(model, tokenizer.encode(prompt[-15:]), 30, tokenizer.eos_id))
-
-
-def test_generation_slides_past_the_context(tiny_model):
-    model, tokenizer = tiny_model
-    # Forbid <|end_of_text|> so that only a bug can end generation early.
-    eos = torch.tensor([tokenizer.eos_id])
-    model.output.register_forward_hook(lambda module, args, out: out.index_fill(-1, eos, float("-inf")))
-    n = 3 * model.params.max_seq_len + 5
-    greedy = main.generate(model, tokenizer, "ROMEO:", max_new_tokens=n, temperature=0)
-    assert greedy == tokenizer.decode(greedy_without_cache(model, tokenizer.encode("ROMEO:"), n, tokenizer.eos_id))
-    sampled = main.generate(model, tokenizer, "ROMEO:", max_new_tokens=n, temperature=1.0, top_p=1.0,
-                            generator=torch.Generator().manual_seed(0))
-    assert len(sampled) == n
-
-
 def test_temperature_zero_is_the_same_every_run(tiny_model, trained: Path, capsys):
     model, tokenizer = tiny_model
     texts = {main.generate(model, tokenizer, "ROMEO:", 40, temperature=0, generator=torch.Generator().manual_seed(s))
