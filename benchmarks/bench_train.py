@@ -37,7 +37,7 @@ import main  # noqa: E402
 
 rope = importlib.import_module("02_normalization_and_rope")
 
-VOCAB_SIZE = 68  # Tiny Shakespeare: 65 characters + 3 special tokens
+VOCAB_SIZE = 67  # Tiny Shakespeare: 65 characters + 2 special tokens
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
