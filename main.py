@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -64,6 +65,8 @@ class ModelArgs:
     max_batch_size: int = 32
     max_seq_len: int = 128
     dropout: float = 0.0  # not in Meta's model; helps the larger GPU preset
+    use_scaled_rope: bool = False  # Llama 3.1's RoPE frequency scaling (chapter 2)
+    rope_scaling_factor: float = 8.0  # 8 for Llama 3.1, 32 for Llama 3.2 1B and 3B
 
 
 class Transformer(nn.Module):
@@ -82,9 +85,13 @@ class Transformer(nn.Module):
         )
         self.norm = rope.RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        # Computed once; non-persistent, so it is not in the state dict.
-        freqs_cis = rope.precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len, params.rope_theta)
-        self.register_buffer("freqs_cis", freqs_cis, persistent=False)
+        # Computed once, and a plain attribute as in Meta's code, not a buffer: `model.to(torch.bfloat16)`
+        # would cast a buffer's complex rotations to real numbers, and RoPE would scale instead of rotate.
+        # Built on the CPU also when the weights are built on the meta device (load_llama); forward moves it.
+        with torch.device("cpu"):
+            self.freqs_cis = rope.precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len,
+                                                       params.rope_theta, params.use_scaled_rope,
+                                                       params.rope_scaling_factor)
 
         self.apply(self._init_weights)
         # GPT-2's scaled init: the projections that write into the residual stream get a smaller
@@ -114,6 +121,7 @@ class Transformer(nn.Module):
         pos = 0 if start_pos is None else start_pos
         if pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions {pos}..{pos + seqlen - 1} exceed max_seq_len {self.params.max_seq_len}")
+        self.freqs_cis = self.freqs_cis.to(tokens.device)  # a no-op once it is there
         freqs_cis = self.freqs_cis[pos : pos + seqlen]  # (seqlen, head_dim // 2)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for layer in self.layers:
@@ -335,17 +343,31 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, next_token)
 
 
-@torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
              top_p: float = 0.9, generator: torch.Generator | None = None) -> str:
     """Continue `prompt` by up to max_new_tokens characters and return only the new text.
-
-    The prompt runs through the model once (start_pos=0), then one token at a time through the
-    KV cache. When the cache is full the window slides: the last half of the context becomes a
-    new prompt. Stops early at <|end_of_text|>. temperature 0 is greedy (argmax).
+    Stops early at <|end_of_text|>. An empty prompt starts from <|begin_of_text|>.
 
     Raises:
         ValueError: bad arguments, or prompt characters outside the vocabulary.
+    """
+    tokens = tokenizer.encode(prompt) or [tokenizer.bos_id]
+    new_tokens = generate_tokens(model, tokens, max_new_tokens, {tokenizer.eos_id}, temperature, top_p, generator)
+    return tokenizer.decode(list(new_tokens))
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, stop_ids: set[int],
+                    temperature: float = 0.8, top_p: float = 0.9,
+                    generator: torch.Generator | None = None) -> Iterator[int]:
+    """Sample up to max_new_tokens tokens after `tokens`, yielding each one as soon as it is chosen.
+
+    The prompt runs through the model once (start_pos=0), then one token at a time through the
+    KV cache. When the cache is full the window slides: the last half of the context becomes a
+    new prompt. Stops early at a token in stop_ids (not yielded). temperature 0 is greedy (argmax).
+
+    Raises:
+        ValueError: bad arguments.
     """
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
@@ -354,38 +376,39 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, te
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_seq_len = model.params.max_seq_len
-    tokens = tokenizer.encode(prompt) or [tokenizer.bos_id]  # an empty prompt starts from BOS
-    if len(tokens) > max_seq_len - 1:
-        print(f"note: the prompt is longer than the context; keeping its last {max_seq_len - 1} characters",
-              file=sys.stderr)
-        tokens = tokens[-(max_seq_len - 1) :]
+    if len(tokens) > max_seq_len:
+        print(f"note: the prompt is longer than the context; keeping its last {max_seq_len} tokens", file=sys.stderr)
+        tokens = tokens[-max_seq_len:]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-
     new_tokens: list[int] = []
     context = tokens
-    while len(new_tokens) < max_new_tokens:
-        if context is not None:  # (re)fill the cache with the whole context
-            logits, _ = model(torch.tensor([context], device=device), start_pos=0)
-            pos, context = len(context), None
-        logits = logits[:, -1]  # (1, vocab_size)
-        if temperature == 0:
-            next_token = torch.argmax(logits, dim=-1, keepdim=True)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_token = sample_top_p(probs.cpu(), top_p, generator).to(device)
-        token = next_token.item()
-        if token == tokenizer.eos_id:
-            break
-        new_tokens.append(token)
-        if pos == max_seq_len:  # cache full: slide the window
-            context = (tokens + new_tokens)[-(max_seq_len // 2) :]
-        else:
-            logits, _ = model(next_token.view(1, 1), start_pos=pos)
-            pos += 1
-    model.train(was_training)
-    return tokenizer.decode(new_tokens)
+    try:
+        while len(new_tokens) < max_new_tokens:
+            if context is not None:  # (re)fill the cache with the whole context
+                logits, _ = model(torch.tensor([context], device=device), start_pos=0)
+                pos, context = len(context), None
+            logits = logits[:, -1]  # (1, vocab_size)
+            if temperature == 0:
+                next_token = torch.argmax(logits, dim=-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_token = sample_top_p(probs.cpu(), top_p, generator).to(device)
+            token = next_token.item()
+            if token in stop_ids:
+                break
+            new_tokens.append(token)
+            yield token
+            if len(new_tokens) == max_new_tokens:
+                break  # no forward pass whose logits nobody would read
+            if pos == max_seq_len:  # cache full: slide the window
+                context = (tokens + new_tokens)[-(max_seq_len // 2) :]
+            else:
+                logits, _ = model(next_token.view(1, 1), start_pos=pos)
+                pos += 1
+    finally:
+        model.train(was_training)
 
 
 def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None:
@@ -400,7 +423,7 @@ def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None
     model.eval()
     last = model.layers[-1]
     with torch.no_grad():
-        freqs_cis = model.freqs_cis[:seqlen]
+        freqs_cis = model.freqs_cis[:seqlen].to(tokens.device)
         h = model.tok_embeddings(tokens)
         for layer in model.layers[:-1]:
             h = layer(h, freqs_cis)  # the last layer's input
