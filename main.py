@@ -654,25 +654,23 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
                          f"{tokenizer.vocab_size}")
     model_args = replace(model_args, max_seq_len=max_seq_len, max_batch_size=1)
     tied = "output.weight" not in state_dict  # Llama 3.2 1B and 3B: the output matrix is the embedding
-    if tied and "tok_embeddings.weight" in state_dict:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
 
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialization
             model = Transformer(model_args)
     except ValueError as e:  # the heads do not fit the width
         raise ValueError(f"{path}: {e}") from e
-    expected = model.state_dict()
+    expected = {name: t for name, t in model.state_dict().items() if not (tied and name == "output.weight")}
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{path}: the weights do not fit {model_args}: "
+        raise ValueError(f"{path}: the weights do not fit its {'params' if meta_layout else 'config'}.json: "
                          + "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                                      for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{path}: {name} has shape {shape}, but {model_args} needs "
-                             f"{tuple(expected[name].shape)}")
+            raise ValueError(f"{path}: {name} has shape {shape}, but its {'params' if meta_layout else 'config'}.json "
+                             f"needs {tuple(expected[name].shape)}")
 
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     for name in tqdm(list(state_dict), desc="loading weights", file=sys.stderr, leave=False):

@@ -5,8 +5,10 @@ have exactly Llama 3.2 1B's names, shapes and dtype (bfloat16; 1,235,814,400 par
 output.weight, since the output is tied to the embedding), then, in a fresh Python process, so that
 the peak memory is the loader's alone:
 
-    load       main.load_llama: time, and peak resident memory (RSS) against the weights' size.
-               Loading must not hold the weights twice: the ratio should stay close to 1.
+    load       main.load_llama: its time. The weights are memory-mapped, so they are read from disk
+               as the first token uses them.
+    memory     the peak resident memory (RSS) after decoding, when every weight has been read,
+               against the weights' size: loading must not hold them twice, so the ratio stays close to 1.
     decode     greedy tokens after a short prompt, one forward pass each through the KV cache:
                time to the first token and tokens per second after it. Every token reads all the
                weights, so memory bandwidth sets the speed on a CPU.
@@ -74,7 +76,7 @@ def measure(path: Path, new_tokens: int, dtype: str | None) -> dict:
     model, tokenizer = main.load_llama(path, max_seq_len=256, dtype=getattr(torch, dtype) if dtype else None,
                                        device="cpu", log=lambda line: None)
     load_s = time.perf_counter() - t0
-    peak_rss_after_load = peak_rss()
+    rss_after_load = peak_rss()  # small with mmap: pages are read from disk when first used
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     tokens = tokenizer.encode(PROMPT, bos=True)
@@ -85,11 +87,12 @@ def measure(path: Path, new_tokens: int, dtype: str | None) -> dict:
     t1 = time.perf_counter()
     rest = sum(1 for _ in stream)
     decode_s = time.perf_counter() - t1
+    peak = peak_rss()  # every weight has now been read
     return {"params": sum(p.numel() for p in model.parameters()), "weights_gb": weights_bytes / 1e9,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "load_s": load_s,
-            "rss_gb_before_load": rss_before / 1e9, "peak_rss_gb_after_load": peak_rss_after_load / 1e9,
-            "peak_rss_over_weights": peak_rss_after_load / weights_bytes,
-            "load_rss_over_weights": (peak_rss_after_load - rss_before) / weights_bytes,
+            "rss_gb_before_load": rss_before / 1e9, "peak_rss_gb_after_load": rss_after_load / 1e9,
+            "peak_rss_gb": peak / 1e9, "peak_rss_over_weights": peak / weights_bytes,
+            "model_rss_over_weights": (peak - rss_before) / weights_bytes,
             "prompt_tokens": len(tokens), "time_to_first_token_s": first_token_s, "decode_tokens": rest,
             "decode_tokens_per_s": rest / decode_s, "threads": torch.get_num_threads()}
 
@@ -122,9 +125,9 @@ def main_cli() -> None:
         if child.returncode != 0:
             sys.exit(f"error: the measuring process failed:\n{child.stderr}")
     result = {"shape": args.shape, **json.loads(child.stdout.strip().splitlines()[-1])}
-    print(f"load {result['load_s']:.1f} s, peak RSS {result['peak_rss_gb_after_load']:.2f} GB = "
+    print(f"load {result['load_s']:.1f} s; peak RSS {result['peak_rss_gb']:.2f} GB = "
           f"{result['peak_rss_over_weights']:.2f}x the weights ({result['weights_gb']:.2f} GB {result['dtype']}; "
-          f"{result['load_rss_over_weights']:.2f}x without the {result['rss_gb_before_load']:.2f} GB before loading); "
+          f"{result['model_rss_over_weights']:.2f}x without the {result['rss_gb_before_load']:.2f} GB before loading); "
           f"first token {result['time_to_first_token_s']:.2f} s, then {result['decode_tokens_per_s']:.1f} tokens/s")
     print(json.dumps(result))
 
