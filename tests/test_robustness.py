@@ -304,8 +304,8 @@ def test_long_prompt_keeps_its_last_tokens(tiny_model, capsys):
     prompt = "ROMEO: But soft, what light through yonder window breaks?"  # 57 characters, context 16
     text = main.generate(model, tokenizer, prompt, max_new_tokens=30, temperature=0)
     err = capsys.readouterr().err
-    assert err.count("note: the prompt is longer than the context") == 1 and "last 15 characters" in err
-    assert text == tokenizer.decode(greedy_without_cache(model, tokenizer.encode(prompt[-15:]), 30, tokenizer.eos_id))
+    assert err.count("note: the prompt is longer than the context") == 1 and "last 16 tokens" in err
+    assert text == tokenizer.decode(greedy_without_cache(model, tokenizer.encode(prompt[-16:]), 30, tokenizer.eos_id))
 
 
 def test_generation_slides_past_the_context(tiny_model):
