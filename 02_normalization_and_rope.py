@@ -7,7 +7,9 @@ token vector to unit root-mean-square, then multiplies by a learned gain:
 
 Unlike LayerNorm it does not subtract the mean and has no bias: cheaper, and just
 as good in practice. The statistics are computed in float32 even when the model
-runs in bfloat16, because squares of small numbers underflow in 16 bits.
+runs in bfloat16: bfloat16 has float32's exponent range, so nothing underflows, but
+only an 8-bit mantissa (about 2 to 3 significant digits), too coarse for a mean of
+thousands of squares.
 
 RoPE. Attention by itself does not know where tokens are. LLaMA rotates each query
 and key vector by an angle proportional to its position m. Dimensions (2i, 2i+1)
@@ -18,6 +20,23 @@ form a pair, read as the complex number x_2i + j*x_2i+1, and rotate by m * theta
 A rotation keeps vector lengths, and q'_m . k'_n depends only on m - n: the
 attention score sees relative position. Early pairs spin fast, late pairs slowly.
 
+Llama 3.1's frequency scaling (`use_scaled_rope`). Llama 3 was trained on 8,192-token
+windows; 3.1 reaches 131,072 tokens by slowing down the slow pairs. Pair i completes a
+turn every 2*pi / theta_i positions (its wavelength). Pairs whose wavelength is longer
+than 8,192 / low_freq_factor never made a full turn in training: their frequency is
+divided by a factor. Pairs shorter than 8,192 / high_freq_factor are kept, and the band
+between is blended smoothly (low_freq_factor 1, high_freq_factor 4). The factor is 8 for
+Llama 3.1, 3.3 and 3.2 11B/90B, and 32 for Llama 3.2 1B and 3B (their config.json says
+so; Meta's reference code hard-codes 8, which gives wrong logits for 1B and 3B).
+
+Hugging Face's layout. Its Llama rotates the first half of a head against the second
+half (`rotate_half`) instead of adjacent pairs. Its conversion script therefore permutes
+the rows of wq and wk inside each head: Meta's rows (0, 1), (2, 3), ... become rows
+(0, head_dim/2), (1, head_dim/2 + 1), ... Both models compute the same scores, but a
+loader that takes Hugging Face's wq and wk as they are, with Meta's pairing, rotates the
+wrong coordinates together: the logits are wrong, and nothing fails loudly. main.py
+undoes the permutation when it loads such a checkpoint.
+
 Needs: nothing from the other chapters.
 Run:   python 02_normalization_and_rope.py
 """
@@ -25,6 +44,7 @@ Run:   python 02_normalization_and_rope.py
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -48,17 +68,40 @@ class RMSNorm(nn.Module):
         return output * self.weight
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 500000.0) -> torch.Tensor:
+def apply_scaling(freqs: torch.Tensor, scale_factor: float, low_freq_factor: float = 1.0,
+                  high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Meta's `apply_scaling`, with the factor as a parameter).
+
+    Args:
+        freqs: (dim // 2,) frequencies theta_i.
+        scale_factor: 8 for Llama 3.1, 32 for Llama 3.2 1B and 3B.
+    Returns:
+        (dim // 2,): long wavelengths divided by scale_factor, short ones kept, the band between blended.
+    """
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = old_context_len / low_freq_factor  # longer than this: scaled
+    high_freq_wavelen = old_context_len / high_freq_factor  # shorter than this: kept
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)  # 0 .. 1 in the band
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 500000.0, use_scaled: bool = False,
+                         scale_factor: float = 8.0) -> torch.Tensor:
     """The rotations e^(j * m * theta_i) for every position m < end and pair i < dim / 2.
 
     Args:
         dim: head dimension (even).
         end: number of positions.
         theta: RoPE base; LLaMA 3 uses 500000 (LLaMA 2 used 10000).
+        use_scaled: apply Llama 3.1's frequency scaling with `scale_factor`.
     Returns:
         complex64 tensor of shape (end, dim // 2).
     """
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))  # (dim // 2,)
+    if use_scaled:
+        freqs = apply_scaling(freqs, scale_factor)
     t = torch.arange(end, dtype=torch.float32)
     freqs = torch.outer(t, freqs)  # (end, dim // 2): angle m * theta_i
     return torch.polar(torch.ones_like(freqs), freqs)  # cos + j sin
@@ -113,7 +156,7 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
     rq, rk = apply_rotary_emb(q, q, freqs_cis)
     scores = (rq[0, :, 0] @ rk[0, 0, 0]).tolist()  # q at m, k at 0
     axes[1].plot(range(n_pos), scores)
-    axes[1].set(title="One vector as both q and k, moved apart: q·k falls with distance",
+    axes[1].set(title="One vector as q and k, moved apart: q·k peaks at distance 0, then oscillates",
                 xlabel="relative distance m − n", ylabel="q·k after rotation")
     fig.tight_layout()
     rope_path = fig_dir / "02_rope.png"
@@ -132,7 +175,24 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
     norm_path = fig_dir / "02_rmsnorm.png"
     fig.savefig(norm_path, dpi=90)
     plt.close(fig)
-    return [rope_path, norm_path]
+
+    # Llama 3's real head: head_dim 128, theta 500000.
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))  # (64,)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(2 * math.pi / freqs, label="Llama 3 (no scaling)", lw=2.5)
+    for factor, name in [(8, "Llama 3.1"), (32, "Llama 3.2 1B and 3B")]:
+        ax.plot(2 * math.pi / apply_scaling(freqs, factor), label=f"{name}: factor {factor}")
+    ax.axhspan(2048, 8192, color="gray", alpha=0.15, label="blended band (2,048 to 8,192)")
+    ax.axhline(8192, color="gray", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set(title="use_scaled_rope: pairs slower than the 8,192-token training window turn slower still",
+           xlabel="pair i (head_dim 128, rope_theta 500000)", ylabel="wavelength 2π/θᵢ (positions, log scale)")
+    ax.legend()
+    fig.tight_layout()
+    scaling_path = fig_dir / "02_rope_scaling.png"
+    fig.savefig(scaling_path, dpi=90)
+    plt.close(fig)
+    return [rope_path, norm_path, scaling_path]
 
 
 def main() -> None:
@@ -162,10 +222,17 @@ def main() -> None:
     rq, rk = apply_rotary_emb(qv, kv, freqs_cis)
     s1, s2 = rq[0, 7, 0] @ rk[0, 3, 0], rq[0, 12, 0] @ rk[0, 8, 0]
     print(f"  q.k at positions (7, 3) = {s1:.4f}, at (12, 8) = {s2:.4f}: depends only on m - n")
+
+    # Llama 3.1's scaling on Llama 3's real head (head_dim 128): which pairs change, and by how much.
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+    ratio = freqs / apply_scaling(freqs, scale_factor=32)
+    kept, divided = torch.isclose(ratio, torch.tensor(1.0)), torch.isclose(ratio, torch.tensor(32.0))
+    print(f"use_scaled_rope (factor 32): {int(kept.sum())} fast pairs kept, {int(divided.sum())} slow pairs "
+          f"divided by 32, {int((~kept & ~divided).sum())} blended")
     for path in plot_figures(args.fig_dir):
         print(f"figure: {path}")
     print("caption: low pairs spin fast and high pairs slowly; the score depends on distance only; "
-          "RMSNorm brings every token to RMS 1.")
+          "RMSNorm brings every token to RMS 1; scaling slows only the pairs slower than the training window.")
 
 
 if __name__ == "__main__":

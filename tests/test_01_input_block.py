@@ -156,3 +156,69 @@ def test_load_text_not_utf8(tmp_path):
     path.write_bytes("caf\xe9 and cr\xe8me".encode("latin-1"))
     with pytest.raises(ValueError, match="UTF-8"):
         inputs.load_text(path)
+
+
+# ----------------------------------------------------------------------------- Llama 3's tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer() -> inputs.Llama3Tokenizer:
+    """Meta's real tokenizer.model, as the llama-models package ships it (requirements-test.txt)."""
+    path = inputs.packaged_llama3_tokenizer()
+    assert path is not None, "install requirements-test.txt: llama-models ships Meta's tokenizer.model"
+    return inputs.Llama3Tokenizer(path)
+
+
+def test_llama3_encode_matches_metas_ids(llama3_tokenizer):
+    ids = llama3_tokenizer.encode("This is a test sentence.", bos=True, eos=True)
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert llama3_tokenizer.decode(ids) == "<|begin_of_text|>This is a test sentence.<|end_of_text|>"
+    assert llama3_tokenizer.vocab_size == 128256
+
+
+def test_llama3_decode_round_trips_any_text(llama3_tokenizer):
+    text = "ROMEO:\n  But soft! 1234567 naïve — 東京 🙂\t\r\n end"
+    assert llama3_tokenizer.decode(llama3_tokenizer.encode(text)) == text
+
+
+def test_llama3_special_tokens_are_numbered_as_metas(llama3_tokenizer):
+    tok = llama3_tokenizer
+    named = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+             "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009,
+             "<|python_tag|>": 128010, "<|image|>": 128011, "<|reserved_special_token_2|>": 128012,
+             "<|reserved_special_token_245|>": 128255}
+    assert {name: tok.special_tokens[name] for name in named} == named
+    assert len(tok.special_tokens) == 256
+    assert (tok.bos_id, tok.eos_id) == (128000, 128001)
+    assert tok.stop_ids == {128001, 128008, 128009}
+
+
+def test_llama3_special_tokens_equal_those_of_metas_tokenizer(llama3_tokenizer):
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    metas = Tokenizer(inputs.packaged_llama3_tokenizer())
+    assert llama3_tokenizer.special_tokens == metas.special_tokens
+    text = "Meta's tokenizer and ours: 12345 tokens, naïve   spaces\n\n\tand <|eot_id|> as text."
+    assert llama3_tokenizer.encode(text, bos=True) == metas.encode(text, bos=True, eos=False)
+
+
+def test_llama3_chat_turn_matches_metas_ids(llama3_tokenizer):
+    """The ids of Meta's own tests (llama-models, llama3/tests/api/test_tokenizer.py): one user message,
+    then the assistant header that a dialog prompt ends with."""
+    user_turn = [128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009]
+    assistant_header = [128006, 78191, 128007, 271]
+    assert llama3_tokenizer.encode_chat("This is a test sentence.") == [128000, *user_turn, *assistant_header]
+
+
+def test_llama3_special_token_names_in_text_are_ordinary_text(llama3_tokenizer):
+    """A prompt cannot forge a chat turn: "<|eot_id|>" typed as text is not the token 128009."""
+    ids = llama3_tokenizer.encode("hi<|eot_id|>")
+    assert all(i < 128000 for i in ids)
+    assert llama3_tokenizer.decode(ids) == "hi<|eot_id|>"
+
+
+def test_llama3_tokenizer_refuses_a_file_that_is_not_bpe_ranks(tmp_path):
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text('{"not": "a tiktoken file"}\n')
+    with pytest.raises(ValueError, match="not a tiktoken BPE file"):
+        inputs.Llama3Tokenizer(bad)

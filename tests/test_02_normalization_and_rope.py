@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -130,3 +131,45 @@ def test_rope_keeps_the_input_dtype():
     x = torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)
     rq, rk = rope.apply_rotary_emb(x, x[:, :, :1], rope.precompute_freqs_cis(8, 6))
     assert rq.dtype == rk.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- Llama 3.1's RoPE scaling
+
+
+def llama3_freqs(head_dim: int = 128, theta: float = 500000.0) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_scaled_frequencies_equal_transformers_llama3_rope(factor):
+    """transformers' own implementation of rope_type "llama3" is the reference, for both factors."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    torch.testing.assert_close(rope.apply_scaling(llama3_freqs(), factor), expected.float(), rtol=1e-6, atol=0)
+
+
+def test_scaling_keeps_fast_pairs_and_divides_slow_ones_by_the_factor():
+    freqs = llama3_freqs()
+    scaled = rope.apply_scaling(freqs, scale_factor=32)
+    wavelen = 2 * math.pi / freqs
+    fast, slow = wavelen < 2048, wavelen > 8192
+    assert fast.sum() > 0 and slow.sum() > 0
+    torch.testing.assert_close(scaled[fast], freqs[fast], rtol=0, atol=0)
+    torch.testing.assert_close(scaled[slow], freqs[slow] / 32, rtol=1e-6, atol=0)
+    band = ~fast & ~slow
+    assert ((scaled[band] < freqs[band]) & (scaled[band] > freqs[band] / 32)).all()
+
+
+def test_precompute_freqs_cis_scales_only_when_asked():
+    plain = rope.precompute_freqs_cis(128, 64)
+    scaled = rope.precompute_freqs_cis(128, 64, use_scaled=True, scale_factor=32)
+    assert scaled.dtype == torch.complex64 and scaled.shape == plain.shape
+    expected = torch.polar(torch.ones(64, 64), torch.outer(torch.arange(64.0), rope.apply_scaling(llama3_freqs(), 32)))
+    torch.testing.assert_close(scaled, expected)
+    assert not torch.allclose(scaled, plain)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import main
@@ -109,6 +110,19 @@ def test_init_std_with_scaled_residual_projections():
                    "feed_forward.w3.weight", "output.weight"):
         assert std(suffix) == pytest.approx(0.02, rel=0.05)
     assert torch.equal(params["norm.weight"], torch.ones(64))
+
+
+def test_rope_tables_stay_complex64_when_the_model_changes_dtype():
+    """A registered buffer would be cast to a real bfloat16 tensor: RoPE would scale instead of rotate."""
+    model = make_model(50, rope_theta=100.0)
+    tokens = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(tokens)[0].flatten()
+        model.to(torch.bfloat16)
+        assert model.freqs_cis.dtype == torch.complex64
+        assert "freqs_cis" not in model.state_dict()
+        logits = model(tokens)[0].flatten()
+    assert F.cosine_similarity(logits, reference, dim=0) > 0.999
 
 
 def test_training_forward_never_touches_the_kv_cache():
@@ -364,8 +378,43 @@ def test_long_prompt_keeps_its_last_tokens(tokenizer, capsys):
     text = main.generate(model, tokenizer, prompt, max_new_tokens=30, temperature=0)
     err = capsys.readouterr().err
     assert err.count("note: the prompt is longer than the context") == 1
-    assert "last 15 characters" in err  # BOS + 15 characters fill the 16 positions
+    assert "last 15 tokens" in err  # BOS + 15 characters fill the 16 positions
     assert text == greedy_without_cache(model, tokenizer, prompt[-15:], 30)
+
+
+def record_forward_calls(model: main.Transformer) -> list[torch.Tensor]:
+    """Wrap model.forward so that every call's tokens are kept, in order."""
+    calls, forward = [], model.forward
+
+    def spy(tokens, *args, **kwargs):
+        calls.append(tokens)
+        return forward(tokens, *args, **kwargs)
+
+    model.forward = spy
+    return calls
+
+
+def test_a_prompt_that_fills_the_context_is_kept_whole(capsys):
+    model = make_model(50)  # max_seq_len 16
+    calls = record_forward_calls(model)
+    prompt = list(range(1, 17))
+    new = list(main.generate_tokens(model, prompt, 3, stop_ids=set(), temperature=0))
+    assert len(new) == 3
+    assert calls[0].tolist() == [prompt]
+    assert "note" not in capsys.readouterr().err
+    list(main.generate_tokens(model, [0, *prompt], 1, stop_ids=set(), temperature=0))
+    assert calls[-1].tolist() == [[0, *prompt[1:]]]  # one too many: the first token (BOS) stays, the next goes
+    assert "keeping its last 15 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 5])
+def test_generation_runs_no_forward_pass_after_its_last_token(max_new_tokens):
+    """The prompt's pass gives the first token; each later token needs one pass more, and no pass follows the last."""
+    model = make_model(50)
+    calls = record_forward_calls(model)
+    new = list(main.generate_tokens(model, [1, 2, 3], max_new_tokens, stop_ids=set(), temperature=0))
+    assert len(new) == max_new_tokens
+    assert len(calls) == max_new_tokens  # 1 for the prompt + (max_new_tokens - 1), or none at all
 
 
 def test_prompt_with_unknown_characters_is_a_value_error(tokenizer):
