@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--data", default=None,
                     help="UTF-8 text file to train on (default: data/tinyshakespeare.txt, downloaded if missing)")
     io.add_argument("--out-dir", type=Path, default=Path("out"),
-                    help="where ckpt.pt, loss.csv, loss.png and metrics.json go (default: %(default)s)")
+                    help="where ckpt.pt, best.pt, loss.csv, loss.png and metrics.json go (default: %(default)s)")
     io.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                     help="model and training sizes: 'cpu' learns in minutes on a laptop; "
                          "'gpu' is nanoGPT's 10.7M-parameter Shakespeare size (default: %(default)s)")
@@ -574,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true",
                     help="continue training from out-dir/ckpt.pt (its model and settings, unless flags override)")
     io.add_argument("--sample", action="store_true", help="load out-dir/ckpt.pt and only generate; no training")
+    io.add_argument("--best", action="store_true",
+                    help="with --sample: load out-dir/best.pt, the weights of the evaluation with the lowest val "
+                         "loss (training writes it beside ckpt.pt, the last weights)")
 
     m = p.add_argument_group("model (defaults come from --preset)")
     m.add_argument("--dim", type=positive_int, help="embedding width" + preset_defaults("dim"))
@@ -759,9 +762,12 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         val_loss = estimate_loss(raw_model, val_data, cfg, model_args.max_seq_len, device, autocast)
         if not math.isfinite(train_loss + val_loss):  # stop before a diverged model overwrites the checkpoint
             raise diverged(train_loss + val_loss)
+        improved = val_loss < best_val
         best_val = min(best_val, val_loss)
         loss_log.append({"step": step, "tokens": step * tokens_per_step, "lr": get_lr(step, cfg),
                          "train_loss": train_loss, "val_loss": val_loss})
+        if improved:  # a model that overfits keeps its best weights beside the last ones
+            save_checkpoint(out_dir / "best.pt", make_checkpoint())
         tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -833,11 +839,12 @@ def check_prompt(tokenizer, prompt: str) -> None:
 
 
 def sample_only(args: argparse.Namespace) -> None:
-    """--sample: load out-dir/ckpt.pt and generate, without training."""
-    checkpoint = load_checkpoint(args.out_dir / "ckpt.pt")
+    """--sample: load out-dir/ckpt.pt (or best.pt with --best) and generate, without training."""
+    ckpt_path = args.out_dir / ("best.pt" if args.best else "ckpt.pt")
+    checkpoint = load_checkpoint(ckpt_path)
     tokenizer = inputs.CharTokenizer.from_dict(checkpoint["tokenizer"])
     if args.data is not None and inputs.CharTokenizer.from_text(inputs.load_text(args.data)).chars != tokenizer.chars:
-        raise ValueError(f"--data gives a different vocabulary than {args.out_dir / 'ckpt.pt'} was trained on; "
+        raise ValueError(f"--data gives a different vocabulary than {ckpt_path} was trained on; "
                          f"drop --data, or give the file it was trained on")
     check_prompt(tokenizer, args.prompt)
     device = pick_device(args.device)

@@ -230,6 +230,22 @@ def test_optimizer_cannot_change_on_resume_and_cooldown_fits_the_run(tmp_path, t
         main.main([*argv, "--cooldown-frac", "1.5"])
 
 
+def test_best_checkpoint_keeps_the_lowest_val_loss_and_sample_best_reads_it(tmp_path, tiny_corpus, capsys, tokenizer):
+    argv = ["--data", str(tiny_corpus), "--out-dir", str(tmp_path), "--dim", "32", "--n-layers", "1", "--seq-len", "16",
+            "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "2", "--max-iters", "4",
+            "--learning-rate", "0.05", "--min-lr", "0.05", "--warmup-iters", "0", "--max-new-tokens", "0"]
+    main.main(argv)
+    last, best = (torch.load(tmp_path / name, weights_only=True) for name in ("ckpt.pt", "best.pt"))
+    val = {row["step"]: row["val_loss"] for row in last["loss_log"]}
+    best_step = min(val, key=val.get)
+    assert 0 < best_step < last["step"] == 4  # a learning rate this high makes the val loss rise again
+    assert best["step"] == best_step and best["best_val_loss"] == val[best_step]
+    capsys.readouterr()
+    main.main(["--sample", "--best", "--out-dir", str(tmp_path), "--temperature", "0", "--max-new-tokens", "20"])
+    expected = main.generate(main.model_from_checkpoint(best), tokenizer, "ROMEO:", 20, temperature=0)
+    assert capsys.readouterr().out == f"ROMEO:{expected}\n"
+
+
 def test_thirty_steps_on_a_tiny_corpus_lower_the_loss(tokenizer, tiny_text):
     data = np.array(tokenizer.encode(tiny_text), dtype=np.int64)
     train_data, val_data = inputs.train_val_split(data)
