@@ -5,8 +5,10 @@
       -> n_layers x TransformerBlock            (chapter 4, using chapters 2 and 3)
       -> norm (RMSNorm) -> output (Linear)      (bsz, seqlen, vocab_size) logits
 
-Training minimizes the cross-entropy of the next character with AdamW, a linear
-warmup and a cosine decay of the learning rate. Generation runs the prompt through
+Training minimizes the cross-entropy of the next character with AdamW, or with Muon
+for the matrices inside the blocks (see `configure_optimizer`), after a linear warmup
+of the learning rate, then a cosine decay or WSD (flat, then a linear decay: `get_lr`).
+Generation runs the prompt through
 the model once (filling the KV cache), then feeds one token at a time, sampling
 with temperature and top-p (nucleus) sampling.
 

@@ -86,7 +86,7 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, shakesp
     assert result.returncode == 0, result.stderr[-2000:]
     assert "x 2 ranks" in result.stdout  # the global batch counts both ranks
     assert result.stdout.count("--- sample") == 1  # only rank 0 samples
-    assert sorted(p.name for p in out_dir.iterdir() if p.suffix == ".pt") == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir() if p.suffix == ".pt") == ["best.pt", "ckpt.pt"]
     log = pd.read_csv(out_dir / "loss.csv")
     assert list(log["step"]) == [0, 15, 30]
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0] - 0.3
