@@ -223,9 +223,9 @@ def test_resume_is_exact_for_every_optimizer_and_schedule(optimizer, schedule, t
 def test_optimizer_cannot_change_on_resume_and_cooldown_fits_the_run(tmp_path, tiny_corpus):
     argv = ["--data", str(tiny_corpus), "--out-dir", str(tmp_path), "--dim", "32", "--n-layers", "1",
             "--seq-len", "16", "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "0", "--max-iters", "2"]
-    main.main(argv)
-    with pytest.raises(SystemExit, match="--optimizer muon differs"):
-        main.main([*argv, "--resume", "--optimizer", "muon"])
+    main.main([*argv, "--optimizer", "muon"])
+    with pytest.raises(SystemExit, match="--optimizer adamw differs"):
+        main.main([*argv, "--resume", "--optimizer", "adamw"])
     with pytest.raises(SystemExit, match="--cooldown-frac 1.5"):
         main.main([*argv, "--cooldown-frac", "1.5"])
 
@@ -233,7 +233,8 @@ def test_optimizer_cannot_change_on_resume_and_cooldown_fits_the_run(tmp_path, t
 def test_best_checkpoint_keeps_the_lowest_val_loss_and_sample_best_reads_it(tmp_path, tiny_corpus, capsys, tokenizer):
     argv = ["--data", str(tiny_corpus), "--out-dir", str(tmp_path), "--dim", "32", "--n-layers", "1", "--seq-len", "16",
             "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "2", "--max-iters", "4",
-            "--learning-rate", "0.05", "--min-lr", "0.05", "--warmup-iters", "0", "--max-new-tokens", "0"]
+            "--learning-rate", "0.05", "--min-lr", "0.05", "--warmup-iters", "0", "--max-new-tokens", "0",
+            "--optimizer", "adamw"]
     main.main(argv)
     last, best = (torch.load(tmp_path / name, weights_only=True) for name in ("ckpt.pt", "best.pt"))
     val = {row["step"]: row["val_loss"] for row in last["loss_log"]}
