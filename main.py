@@ -228,8 +228,10 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) ->
         torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                           fused=device_type in ("cpu", "cuda"))]
     if muon:
-        # "original" scales each update by sqrt(max(1, rows / cols)), so every matrix's update has an RMS of
-        # muon_lr / sqrt(fan_in), the scale of its initialization: the same relative change for any shape.
+        # "original" (Keller Jordan's Muon) scales each update by sqrt(max(1, rows / cols)): the RMS of an
+        # update is muon_lr / sqrt(fan_in), so a tall w1 moves as much per output as a square wq. The other
+        # option, "match_rms_adamw", sizes updates like AdamW's to reuse its learning rate; we tune muon_lr
+        # on its own instead (the README lists the runs).
         optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
                                            adjust_lr_fn="original"))
     return optimizers
