@@ -1,7 +1,7 @@
 """Training speed of the default model: tokens per second and the fraction of matmul peak.
 
-One training step = forward, backward and the AdamW update, exactly as `main.train_step` runs it
-for `python main.py`. We time it for the default configuration (`main.PRESETS["cpu"]`) in
+One training step = forward, backward and the preset's optimizer update, exactly as `main.train_step`
+runs it for `python main.py`. We time it for the default configuration (`main.PRESETS["cpu"]`) in
 three variants, on random token ids (speed does not depend on the text):
 
     fused       F.scaled_dot_product_attention (the default in chapter 3)
@@ -91,7 +91,8 @@ def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, 
     model = main.Transformer(model_args)
     for layer in model.layers:
         layer.attention.fused = variant != "manual"
-    optimizer = main.configure_optimizer(model, cfg, "cpu")
+    optimizers = main.configure_optimizer(model, cfg, "cpu")
+    lrs = [main.peak_lr(o, cfg) for o in optimizers]
     x = torch.randint(0, VOCAB_SIZE, (cfg.batch_size, model_args.max_seq_len))  # (bsz, seqlen)
     y = torch.randint(0, VOCAB_SIZE, (cfg.batch_size, model_args.max_seq_len))
     original_rope = rope.apply_rotary_emb
@@ -101,7 +102,7 @@ def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, 
         times = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            main.train_step(model, optimizer, [(x, y)], cfg.learning_rate, cfg.grad_clip, nullcontext())
+            main.train_step(model, optimizers, [(x, y)], lrs, cfg.grad_clip, nullcontext())
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     finally:

@@ -21,7 +21,7 @@ TINY = main.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=20
 CFG = main.TrainConfig(learning_rate=1e-2, weight_decay=0.1)
 
 
-def fresh_model_and_optimizer() -> tuple[main.Transformer, torch.optim.Optimizer]:
+def fresh_model_and_optimizer() -> tuple[main.Transformer, list[torch.optim.Optimizer]]:
     torch.manual_seed(0)
     model = main.Transformer(TINY)
     return model, main.configure_optimizer(model, CFG, "cpu")
@@ -44,7 +44,7 @@ def ddp_step_worker(rank: int, world_size: int, port: int, out_file: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     model, optimizer = fresh_model_and_optimizer()
     x, y = batches(world_size)[rank]
-    main.train_step(DDP(model), optimizer, [(x, y)], lr=1e-2, grad_clip=1.0, autocast=nullcontext())
+    main.train_step(DDP(model), optimizer, [(x, y)], lrs=[1e-2], grad_clip=1.0, autocast=nullcontext())
     if rank == 0:
         torch.save(model.state_dict(), out_file)
     dist.destroy_process_group()
@@ -57,7 +57,7 @@ def test_one_ddp_step_equals_one_step_on_the_concatenated_batches(tmp_path):
 
     model, optimizer = fresh_model_and_optimizer()
     (x0, y0), (x1, y1) = batches(2)
-    main.train_step(model, optimizer, [(torch.cat([x0, x1]), torch.cat([y0, y1]))], 1e-2, 1.0, nullcontext())
+    main.train_step(model, optimizer, [(torch.cat([x0, x1]), torch.cat([y0, y1]))], [1e-2], 1.0, nullcontext())
     for name, p in model.state_dict().items():
         torch.testing.assert_close(ddp_weights[name], p, atol=1e-5, rtol=0, msg=name)
 
@@ -65,9 +65,9 @@ def test_one_ddp_step_equals_one_step_on_the_concatenated_batches(tmp_path):
 def test_grad_accumulation_of_two_equals_one_batch_twice_as_large():
     (x0, y0), (x1, y1) = batches(2)
     model_a, opt_a = fresh_model_and_optimizer()
-    loss_a = main.train_step(model_a, opt_a, [(x0, y0), (x1, y1)], 1e-2, 1.0, nullcontext())
+    loss_a = main.train_step(model_a, opt_a, [(x0, y0), (x1, y1)], [1e-2], 1.0, nullcontext())
     model_b, opt_b = fresh_model_and_optimizer()
-    loss_b = main.train_step(model_b, opt_b, [(torch.cat([x0, x1]), torch.cat([y0, y1]))], 1e-2, 1.0, nullcontext())
+    loss_b = main.train_step(model_b, opt_b, [(torch.cat([x0, x1]), torch.cat([y0, y1]))], [1e-2], 1.0, nullcontext())
     assert abs(loss_a - loss_b) < 1e-5
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
@@ -86,7 +86,7 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, shakesp
     assert result.returncode == 0, result.stderr[-2000:]
     assert "x 2 ranks" in result.stdout  # the global batch counts both ranks
     assert result.stdout.count("--- sample") == 1  # only rank 0 samples
-    assert sorted(p.name for p in out_dir.iterdir() if p.suffix == ".pt") == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir() if p.suffix == ".pt") == ["best.pt", "ckpt.pt"]
     log = pd.read_csv(out_dir / "loss.csv")
     assert list(log["step"]) == [0, 15, 30]
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0] - 0.3

@@ -179,7 +179,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine():
 
 def test_weight_decay_only_on_matrices():
     model = make_model(40)
-    optimizer = main.configure_optimizer(model, main.TrainConfig(weight_decay=0.1), "cpu")
+    (optimizer,) = main.configure_optimizer(model, main.TrainConfig(weight_decay=0.1), "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
@@ -187,17 +187,100 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_wsd_warms_up_stays_flat_then_decays_linearly():
+    cfg = main.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, schedule="wsd",
+                           cooldown_frac=0.4)
+    assert main.get_lr(0, cfg) == pytest.approx(1e-4)  # the same warmup as the cosine
+    assert main.get_lr(9, cfg) == pytest.approx(1e-3)
+    assert all(main.get_lr(s, cfg) == pytest.approx(1e-3) for s in range(10, 67))  # flat until 110 - 0.4 * 110
+    assert main.get_lr(88, cfg) == pytest.approx(5.5e-4)  # halfway down the straight line
+    assert main.get_lr(110, cfg) == pytest.approx(1e-4)
+    assert main.get_lr(500, cfg) == pytest.approx(1e-4)
+    lrs = [main.get_lr(s, cfg) for s in range(66, 111)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    # Muon's rates: the same shape from its own peak, down to min_lr scaled by the ratio of the peaks.
+    assert main.get_lr(50, cfg, peak_lr=0.02) == pytest.approx(0.02)
+    assert main.get_lr(88, cfg, peak_lr=0.02) == pytest.approx(0.011)
+    assert main.get_lr(110, cfg, peak_lr=0.02) == pytest.approx(0.002)
+
+
+def test_muon_gets_the_blocks_matrices_and_adamw_the_rest():
+    model = make_model(40)
+    adamw, muon = main.configure_optimizer(model, main.TrainConfig(optimizer="muon"), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    blocks = {k for k in meta_keys(2) if k.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight",
+                                                     "w1.weight", "w2.weight", "w3.weight"))}
+    assert muon_names == blocks
+    assert adamw_names == meta_keys(2) - blocks  # embeddings, output layer, norm gains: each exactly once
+    decay, no_decay = adamw.param_groups
+    assert {names[id(p)] for p in decay["params"]} == {"tok_embeddings.weight", "output.weight"}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_resume_is_exact_for_every_optimizer_and_schedule(optimizer, schedule, tmp_path, tiny_corpus, capsys):
+    """8 steps straight equal 4 steps, then --resume to 8: the same weights and optimizer states, bit for bit."""
+    common = ["--data", tiny_corpus, "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
+              "--seq-len", "16", "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "4",
+              "--max-new-tokens", "0", "--warmup-iters", "2", "--lr-decay-iters", "8", "--cooldown-frac", "0.5",
+              "--optimizer", optimizer, "--schedule", schedule]
+    main.main([str(a) for a in [*common, "--out-dir", tmp_path / "straight", "--max-iters", "8"]])
+    main.main([str(a) for a in [*common, "--out-dir", tmp_path / "split", "--max-iters", "4"]])
+    main.main([str(a) for a in ["--resume", "--data", tiny_corpus, "--out-dir", tmp_path / "split",
+                                "--max-iters", "8", "--max-new-tokens", "0"]])
+    capsys.readouterr()
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("straight", "split"))
+    assert a["step"] == b["step"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(a["optimizer"]) == len(b["optimizer"]) == (2 if optimizer == "muon" else 1)
+    for state_a, state_b in zip(a["optimizer"], b["optimizer"], strict=True):
+        assert state_a["param_groups"] == state_b["param_groups"]  # the same learning rate at the last step
+        for i, tensors in state_a["state"].items():
+            assert all(torch.equal(t, state_b["state"][i][k]) for k, t in tensors.items())
+
+
+def test_optimizer_cannot_change_on_resume_and_cooldown_fits_the_run(tmp_path, tiny_corpus):
+    argv = ["--data", str(tiny_corpus), "--out-dir", str(tmp_path), "--dim", "32", "--n-layers", "1",
+            "--seq-len", "16", "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "0", "--max-iters", "2"]
+    main.main([*argv, "--optimizer", "muon"])
+    with pytest.raises(SystemExit, match="--optimizer adamw differs"):
+        main.main([*argv, "--resume", "--optimizer", "adamw"])
+    with pytest.raises(SystemExit, match="--cooldown-frac 1.5"):
+        main.main([*argv, "--cooldown-frac", "1.5"])
+
+
+def test_best_checkpoint_keeps_the_lowest_val_loss_and_sample_best_reads_it(tmp_path, tiny_corpus, capsys, tokenizer):
+    argv = ["--data", str(tiny_corpus), "--out-dir", str(tmp_path), "--dim", "32", "--n-layers", "1", "--seq-len", "16",
+            "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "2", "--max-iters", "4",
+            "--learning-rate", "0.05", "--min-lr", "0.05", "--warmup-iters", "0", "--max-new-tokens", "0",
+            "--optimizer", "adamw"]
+    main.main(argv)
+    last, best = (torch.load(tmp_path / name, weights_only=True) for name in ("ckpt.pt", "best.pt"))
+    val = {row["step"]: row["val_loss"] for row in last["loss_log"]}
+    best_step = min(val, key=val.get)
+    assert 0 < best_step < last["step"] == 4  # a learning rate this high makes the val loss rise again
+    assert best["step"] == best_step and best["best_val_loss"] == val[best_step]
+    capsys.readouterr()
+    main.main(["--sample", "--best", "--out-dir", str(tmp_path), "--temperature", "0", "--max-new-tokens", "20"])
+    expected = main.generate(main.model_from_checkpoint(best), tokenizer, "ROMEO:", 20, temperature=0)
+    assert capsys.readouterr().out == f"ROMEO:{expected}\n"
+
+
 def test_thirty_steps_on_a_tiny_corpus_lower_the_loss(tokenizer, tiny_text):
     data = np.array(tokenizer.encode(tiny_text), dtype=np.int64)
     train_data, val_data = inputs.train_val_split(data)
     model = make_model(tokenizer.vocab_size, n_layers=1, n_heads=2, n_kv_heads=1, max_batch_size=8).train()
     cfg = main.TrainConfig(batch_size=8, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=3, eval_iters=4)
-    optimizer = main.configure_optimizer(model, cfg, "cpu")
+    optimizers = main.configure_optimizer(model, cfg, "cpu")
     before = main.estimate_loss(model, val_data, cfg, 16, tokenizer.bos_id, "cpu", nullcontext())
     generator = torch.Generator().manual_seed(0)
     for step in range(cfg.max_iters):
         batch = inputs.get_batch(train_data, cfg.batch_size, 16, tokenizer.bos_id, generator)
-        loss = main.train_step(model, optimizer, [batch], main.get_lr(step, cfg), cfg.grad_clip, nullcontext())
+        loss = main.train_step(model, optimizers, [batch], [main.get_lr(step, cfg)], cfg.grad_clip, nullcontext())
         assert math.isfinite(loss)
     after = main.estimate_loss(model, val_data, cfg, 16, tokenizer.bos_id, "cpu", nullcontext())
     assert before == pytest.approx(math.log(tokenizer.vocab_size), abs=0.15)
@@ -228,9 +311,9 @@ def test_bf16_autocast_runs_the_training_step_in_bfloat16(tokenizer, tiny_text):
     losses = {}
     for name, autocast in [("fp32", nullcontext()), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))]:
         model = make_model(tokenizer.vocab_size).train()
-        optimizer = main.configure_optimizer(model, cfg, "cpu")
+        optimizers = main.configure_optimizer(model, cfg, "cpu")
         before = model.output.weight.detach().clone()
-        losses[name] = main.train_step(model, optimizer, [batch], 1e-3, cfg.grad_clip, autocast)
+        losses[name] = main.train_step(model, optimizers, [batch], [1e-3], cfg.grad_clip, autocast)
         assert model.output.weight.dtype == torch.float32
         assert not torch.equal(model.output.weight, before)  # a step was taken
     assert losses["bf16"] != losses["fp32"]
