@@ -54,6 +54,7 @@ from plumbing import (
     teardown_distributed,
     temperature_type,
     top_p_type,
+    wait_for_all_ranks,
 )
 
 inputs = importlib.import_module("01_input_block")
@@ -698,6 +699,7 @@ def train_process(args: argparse.Namespace, t_start: float, rank: int, world_siz
                 log(f"\ninterrupted at step {step} ({stopped}): checkpoint saved to {ckpt_path}.\n"
                     f"continue with: {launcher} --resume --out-dir {out_dir}"
                     + (f" --data {args.data}" if args.data else ""))
+                wait_for_all_ranks()  # torchrun ends the other ranks when one exits: not before rank 0 has saved
                 raise stopped
     progress.close()
     if master and step != last_eval:

@@ -14,6 +14,7 @@ from plumbing.runtime import (
     lock_out_dir,
     setup_distributed,
     teardown_distributed,
+    wait_for_all_ranks,
 )
 from plumbing.validators import (
     context_length,
@@ -29,7 +30,7 @@ from plumbing.validators import (
 
 __all__ = [
     "Progress", "StopSignals", "Stopped", "all_ranks_max", "collective_errors", "gather_from_ranks", "lock_out_dir",
-    "setup_distributed", "teardown_distributed",
+    "setup_distributed", "teardown_distributed", "wait_for_all_ranks",
     "context_length", "dropout_type", "non_negative_int", "positive_float", "positive_int", "resume_type",
     "seed_type", "temperature_type", "top_p_type",
 ]

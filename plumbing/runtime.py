@@ -4,7 +4,8 @@
   before they kill a process) only ask the training loop to stop after the current step.
 - `lock_out_dir`: one training run per output directory.
 - `Progress`: a progress bar on a terminal, plain lines in a log file.
-- `setup_distributed`, `all_ranks_max`, `gather_from_ranks`, `collective_errors`, `teardown_distributed`:
+- `setup_distributed`, `all_ranks_max`, `gather_from_ranks`, `wait_for_all_ranks`, `collective_errors`,
+  `teardown_distributed`:
   the few torch.distributed calls that DistributedDataParallel training needs under torchrun.
 """
 
@@ -163,8 +164,18 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     if device == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    return dist.get_rank(), dist.get_world_size(), device
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one key-value store across restarts (PyTorch 2.13): under a prefix of its own, a
+        # restarted rank cannot read the addresses of the processes it replaces and wait for them forever.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    else:
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return rank, world_size, device
 
 
 def teardown_distributed() -> None:
@@ -178,6 +189,12 @@ def all_ranks_max(values: list[float], device: str) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier: no rank goes on before every rank has come here."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gather_from_ranks(obj) -> list:
