@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -108,14 +109,34 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def torchrun(corpus: Path, out_dir: Path, *args, max_restarts: int = 0) -> subprocess.Popen:
+def torchrun(corpus: Path, out_dir: Path, *args, max_restarts: int = 0, deadline: float = 180) -> subprocess.Popen:
     """Two gloo ranks of main.py on one thread each, with a c10d rendezvous as on a cluster; stdout and
-    stderr of all processes in one pipe."""
+    stderr of all processes in one pipe. After `deadline` seconds, torchrun and its ranks are killed (a
+    hang then fails the test instead of stalling it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--max-restarts={max_restarts}",
            "main.py", *TORCHRUN_ARGS, "--data", str(corpus), "--out-dir", str(out_dir), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    proc.timer = threading.Timer(deadline, kill_job, args=(proc,))
+    proc.timer.daemon = True
+    proc.timer.start()
+    return proc
+
+
+def children(pid: int) -> set[int]:
+    ps = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    return {int(child) for child, parent in (line.split() for line in ps.splitlines()) if int(parent) == pid}
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL to every rank, then to torchrun (each rank runs in a session of its own)."""
+    proc.timer.cancel()
+    for pid in [*children(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def read_until(proc: subprocess.Popen, pattern: str) -> re.Match:
@@ -130,11 +151,10 @@ def read_until(proc: subprocess.Popen, pattern: str) -> re.Match:
 
 def ranks(torchrun_pid: int, out_dir: Path) -> dict[int, int]:
     """{rank: pid} of the workers that torchrun started (rank 0 is the holder of out-dir/train.lock)."""
-    ps = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    children = {int(pid) for pid, ppid in (line.split() for line in ps.splitlines()) if int(ppid) == torchrun_pid}
+    workers = children(torchrun_pid)
     rank0 = int((out_dir / "train.lock").read_text().split()[1])
-    assert len(children) == 2 and rank0 in children, (children, rank0)
-    return {0: rank0, 1: (children - {rank0}).pop()}
+    assert len(workers) == 2 and rank0 in workers, (workers, rank0)
+    return {0: rank0, 1: (workers - {rank0}).pop()}
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
@@ -153,7 +173,7 @@ def straight(corpus, tmp_path_factory) -> tuple[Path, str]:
     """40 steps without interruption: its out-dir and output."""
     out_dir = tmp_path_factory.mktemp("straight")
     proc = torchrun(corpus, out_dir, "--max-iters", "40")
-    output = proc.communicate(timeout=300)[0]
+    output = proc.communicate()[0]
     assert proc.returncode == 0, output[-3000:]
     return out_dir, output
 
@@ -179,9 +199,9 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_restart_ends_bit_for
         os.kill(ranks(proc.pid, tmp_path)[1], signal.SIGTERM)
         step = int(read_until(proc, r"interrupted at step (\d+) \(SIGTERM\): checkpoint saved").group(1))
         read_until(proc, rf"resumed from {re.escape(str(tmp_path / 'ckpt.pt'))} at step {step}$")
-        output = proc.communicate(timeout=300)[0]
+        output = proc.communicate()[0]
     finally:
-        proc.kill()
+        kill_job(proc)
     assert proc.returncode == 0, output[-3000:]
     assert "Traceback" not in output
     assert_same_training_state(torch.load(tmp_path / "ckpt.pt", weights_only=True),
@@ -199,12 +219,12 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_and_without_restarts_ev
         read_until(proc, rf"^step {step + 2}/")  # the job goes on
         second = ranks(proc.pid, tmp_path)
         os.kill(second[1], signal.SIGKILL)  # no restart left
-        output = proc.communicate(timeout=120)[0]
+        output = proc.communicate()[0]
+        for pid in [*first.values(), *second.values()]:  # every process has ended
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
     finally:
-        proc.kill()
+        kill_job(proc)
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL) received by PID" in output  # torchrun names the failure
     assert "error: rank 0: lost contact with another process of the job" in output
-    for pid in [*first.values(), *second.values()]:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
