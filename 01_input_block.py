@@ -94,7 +94,7 @@ def load_text(path: str | Path | None = None) -> str:
     """Read the corpus: `path` if given, else data/tinyshakespeare.txt, downloading it if missing.
 
     Raises:
-        FileNotFoundError / IsADirectoryError: `path` is not a file.
+        FileNotFoundError / IsADirectoryError: `path` is missing, or not a regular file.
         ValueError: the file is empty or not UTF-8 text.
     """
     if path is None:
@@ -104,8 +104,8 @@ def load_text(path: str | Path | None = None) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")
-    if not path.is_file():
-        raise IsADirectoryError(f"--data {path}: is a directory, not a text file")
+    if not path.is_file():  # a directory, a device such as /dev/null, a pipe: nothing to train on
+        raise IsADirectoryError(f"--data {path}: not a regular file; give a text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

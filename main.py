@@ -25,7 +25,6 @@ import importlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,11 +34,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+
+from plumbing import (
+    Progress,
+    Stopped,
+    StopSignals,
+    all_ranks_max,
+    collective_errors,
+    context_length,
+    dropout_type,
+    gather_from_ranks,
+    lock_out_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resume_type,
+    seed_type,
+    setup_distributed,
+    teardown_distributed,
+    temperature_type,
+    top_p_type,
+    wait_for_all_ranks,
+)
 
 inputs = importlib.import_module("01_input_block")
 rope = importlib.import_module("02_normalization_and_rope")
@@ -370,11 +390,14 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write atomically: a temporary file, flushed to disk, then renamed over the old one.
     Killing the process at any moment leaves either the old or the new checkpoint, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write: no half-written file left behind
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -409,8 +432,9 @@ def model_from_checkpoint(checkpoint: dict) -> Transformer:
     return model
 
 
-def write_loss_log(log: list[dict], out_dir: Path) -> None:
-    """out/loss.csv (pandas) and out/loss.png (matplotlib): losses and learning rate against step."""
+def write_loss_log(log: list[dict], cfg: TrainConfig, out_dir: Path) -> None:
+    """out/loss.csv (pandas) and out/loss.png (matplotlib): the losses at each evaluation, and the learning
+    rate (AdamW's; Muon's has the same shape) at every step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,7 +453,8 @@ def write_loss_log(log: list[dict], out_dir: Path) -> None:
                                                lambda t: t * 1e6 / tokens_per_step))
     top.set_xlabel("tokens seen (millions)")
     lr_ax = ax.twinx()
-    lr_ax.plot(df["step"], df["lr"], color="gray", ls="--", label="learning rate")
+    steps = np.arange(df["step"].iloc[-1] + 1)
+    lr_ax.plot(steps, [get_lr(s, cfg) for s in steps], color="gray", ls="--", label="learning rate")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
@@ -824,62 +849,6 @@ LLAMA_SEQ_LEN = 2048  # --llama-dir's default context: the KV cache holds this m
 ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
-def positive_int(s: str) -> int:
-    value = int(s)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return value
-
-
-def context_length(s: str) -> int:
-    value = int(s)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (a context and one next character), got {s}")
-    return value
-
-
-def seed_type(s: str) -> int:
-    value = int(s)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {s}")
-    return value
-
-
-def non_negative_int(s: str) -> int:
-    value = int(s)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return value
-
-
-def positive_float(s: str) -> float:
-    value = float(s)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return value
-
-
-def temperature_type(s: str) -> float:
-    value = float(s)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {s}")
-    return value
-
-
-def top_p_type(s: str) -> float:
-    value = float(s)
-    if not 0 < value <= 1:  # also False for NaN
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return value
-
-
-def dropout_type(s: str) -> float:
-    value = float(s)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
-    return value
-
-
 def preset_defaults(field: str) -> str:
     """What each preset uses for a ModelArgs or TrainConfig field, for --help: ' (cpu: 64, gpu: 384)' for dim."""
     values = [f"{name}: {getattr(m if hasattr(m, field) else t, field)}" for name, (m, t) in PRESETS.items()]
@@ -903,12 +872,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (bfloat16 = autocast, float32 master weights); "
                          "default: bfloat16 on a CUDA GPU that supports it, else float32")
     io.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    io.add_argument("--resume", action="store_true",
-                    help="continue training from out-dir/ckpt.pt (its model and settings, unless flags override)")
+    io.add_argument("--resume", nargs="?", const=True, default=False, type=resume_type, metavar="auto",
+                    help="continue training from out-dir/ckpt.pt (its model and settings, unless flags override); "
+                         "'--resume auto' resumes if that file exists and starts fresh otherwise (for restarts)")
     io.add_argument("--sample", action="store_true", help="load out-dir/ckpt.pt and only generate; no training")
     io.add_argument("--best", action="store_true",
                     help="with --sample: load out-dir/best.pt, the weights of the evaluation with the lowest val "
                          "loss (training writes it beside ckpt.pt, the last weights)")
+    io.add_argument("--log-interval", type=positive_int, default=50,
+                    help="when the output goes to a file: one line every N steps instead of a progress bar "
+                         "(default: %(default)s)")
 
     m = p.add_argument_group("model (defaults come from --preset)")
     m.add_argument("--dim", type=positive_int, help="embedding width" + preset_defaults("dim"))
@@ -1019,22 +992,26 @@ def resolve_configs(args: argparse.Namespace, checkpoint: dict | None) -> tuple[
 
 
 def train(args: argparse.Namespace, t_start: float) -> None:
-    """Train from the command-line flags; under torchrun, with DistributedDataParallel."""
-    ddp = "RANK" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    """Train from the command-line flags; under torchrun, one process per rank with DistributedDataParallel.
+    Rank 0 locks the out-dir first (one run per out-dir), so a second run fails before any work."""
+    rank, world_size, device = setup_distributed(pick_device(args.device))
+    try:
+        with lock_out_dir(args.out_dir) if rank == 0 else nullcontext(), collective_errors():
+            train_process(args, t_start, rank, world_size, device)
+    finally:
+        teardown_distributed()
+
+
+def train_process(args: argparse.Namespace, t_start: float, rank: int, world_size: int, device: str) -> None:
+    """What one process does: set up, train, and on rank 0 evaluate, save, plot and sample."""
     master = rank == 0
-    device = pick_device(args.device)
-    if ddp:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device.split(":")[0]
     log = print if master else (lambda *a, **k: None)
 
     out_dir: Path = args.out_dir
     ckpt_path = out_dir / "ckpt.pt"
-    checkpoint = load_checkpoint(ckpt_path) if args.resume else None
+    resume = args.resume is True or (args.resume == "auto" and ckpt_path.exists())
+    checkpoint = load_checkpoint(ckpt_path) if resume else None
     model_args, cfg = resolve_configs(args, checkpoint)
 
     text = inputs.load_text(args.data)
@@ -1066,16 +1043,19 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device_type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        if world_size == 1:
-            data_gen.set_state(checkpoint["rng"]["data"])
-        else:  # each rank continues from its own, new stream
+        data_states = checkpoint["rng"]["data"]  # one per rank: each rank goes on with its own batches
+        if len(data_states) == world_size:
+            data_gen.set_state(data_states[rank])
+        else:
             data_gen.manual_seed(cfg.seed + rank + 1000003 * step)
+            log(f"note: {ckpt_path} was saved by {len(data_states)} processes and this run has {world_size}: "
+                f"every rank draws new batches, so this run will not repeat an uninterrupted one")
         log(f"resumed from {ckpt_path} at step {step}")
 
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp:
+    if world_size > 1:
         model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
 
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -1084,21 +1064,30 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         f"{len(train_data):,} train / {len(val_data):,} val tokens")
     log(f"global batch {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} ranks = "
         f"{tokens_per_step:,} tokens per step; {cfg.max_iters} steps")
+    progress = Progress(cfg.max_iters, step, tokens_per_step, args.log_interval, enabled=master)
 
-    def make_checkpoint() -> dict:
-        return {
-            "model": raw_model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
-            "model_args": asdict(model_args), "train_config": asdict(cfg),
-            "tokenizer": tokenizer.to_dict(), "step": step, "best_val_loss": best_val, "loss_log": loss_log,
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []},
-        }
+    def save(best: bool = False) -> None:
+        """Rank 0 writes the checkpoint, with every rank's data-stream state (so that --resume is exact);
+        with best=True also to best.pt, the weights of the lowest val loss (a model that overfits keeps them)."""
+        data_states = gather_from_ranks(data_gen.get_state())
+        if master:
+            checkpoint = {
+                "model": raw_model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
+                "model_args": asdict(model_args), "train_config": asdict(cfg),
+                "tokenizer": tokenizer.to_dict(), "step": step, "best_val_loss": best_val, "loss_log": loss_log,
+                "rng": {"torch": torch.get_rng_state(), "data": data_states,
+                        "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []},
+            }
+            save_checkpoint(ckpt_path, checkpoint)
+            if best:
+                save_checkpoint(out_dir / "best.pt", checkpoint)
 
     def diverged(loss: float) -> FloatingPointError:
         return FloatingPointError(f"the loss became {loss} at step {step}: training diverged. "
                                   f"The last good checkpoint is {ckpt_path}; try a lower --learning-rate")
 
-    def evaluate() -> None:
+    def evaluate() -> bool:
+        """Estimate train and val loss, log them; True when val is the best so far."""
         nonlocal best_val
         train_loss = estimate_loss(raw_model, train_data, cfg, model_args.max_seq_len, tokenizer.bos_id, device,
                                    autocast)
@@ -1110,21 +1099,16 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         best_val = min(best_val, val_loss)
         loss_log.append({"step": step, "tokens": step * tokens_per_step, "lr": get_lr(step, cfg),
                          "train_loss": train_loss, "val_loss": val_loss})
-        if improved:  # a model that overfits keeps its best weights beside the last ones
-            save_checkpoint(out_dir / "best.pt", make_checkpoint())
-        tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        progress.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        return improved
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stop = {"interrupted": False}
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(interrupted=True))
+    last_eval = loss_log[-1]["step"] if loss_log else -1  # the same on every rank
     train_time, train_steps = 0.0, 0
-    bar = tqdm(total=cfg.max_iters, initial=min(step, cfg.max_iters), desc="training", disable=not master,
-               dynamic_ncols=True)
-    try:
+    with StopSignals() as stop:
         while step < cfg.max_iters:
-            if master and step % cfg.eval_interval == 0 and not (loss_log and loss_log[-1]["step"] == step):
-                evaluate()
-                save_checkpoint(ckpt_path, make_checkpoint())
+            if step % cfg.eval_interval == 0 and step != last_eval:
+                save(best=evaluate() if master else False)
+                last_eval = step
             t0 = time.perf_counter()
             batches = [inputs.get_batch(train_data, cfg.batch_size, model_args.max_seq_len, tokenizer.bos_id,
                                         data_gen, device) for _ in range(cfg.grad_accum)]
@@ -1132,33 +1116,29 @@ def train(args: argparse.Namespace, t_start: float) -> None:
             loss = train_step(model, optimizers, batches, lrs, cfg.grad_clip, autocast)
             train_time += time.perf_counter() - t0
             train_steps += 1
-            flags = torch.tensor([float(stop["interrupted"]), float(not math.isfinite(loss))], device=device)
-            if ddp:  # every rank stops together, or none does
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[1]:
+            # Every rank stops at the same step, or none does.
+            signum, bad_loss = all_ranks_max([stop.signum, not math.isfinite(loss)], device)
+            if bad_loss:
                 raise diverged(loss)
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{get_lr(step - 1, cfg):.1e}")
-            if flags[0]:
-                if master:
-                    save_checkpoint(ckpt_path, make_checkpoint())
-                bar.close()
-                log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}.\n"
-                    f"continue with: python main.py --resume --out-dir {out_dir}"
+            progress.update(step, loss, get_lr(step - 1, cfg))
+            if signum:
+                save()
+                progress.close()
+                stopped = Stopped(int(signum))
+                launcher = "python main.py" if world_size == 1 else "torchrun [the same options] main.py"
+                log(f"\ninterrupted at step {step} ({stopped}): checkpoint saved to {ckpt_path}.\n"
+                    f"continue with: {launcher} --resume --out-dir {out_dir}"
                     + (f" --data {args.data}" if args.data else ""))
-                raise KeyboardInterrupt
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
+                wait_for_all_ranks()  # torchrun ends the other ranks when one exits: not before rank 0 has saved
+                raise stopped
+    progress.close()
+    save(best=evaluate() if master and step != last_eval else False)
     if master:
-        if not (loss_log and loss_log[-1]["step"] == step):
-            evaluate()
         final_train = loss_log[-1]["train_loss"]
         final_val = evaluate_split(raw_model, val_data, model_args.max_seq_len, tokenizer.bos_id, cfg.batch_size,
                                    device, autocast)
-        save_checkpoint(ckpt_path, make_checkpoint())
-        write_loss_log(loss_log, out_dir)
+        write_loss_log(loss_log, cfg, out_dir)
         tokens_per_s = train_steps * tokens_per_step / train_time if train_time else float("nan")
         log(f"final val loss (whole val split) {final_val:.4f}; {tokens_per_s:,.0f} train tokens/s")
         log(f"wrote {ckpt_path}, {out_dir / 'loss.csv'}, {out_dir / 'loss.png'}")
@@ -1171,8 +1151,6 @@ def train(args: argparse.Namespace, t_start: float) -> None:
         if device_type == "cuda":
             metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if ddp:
-        dist.destroy_process_group()
 
 
 def check_prompt(tokenizer, prompt: str) -> None:
@@ -1238,6 +1216,8 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
+        if args.plot_attention and not args.sample:
+            raise ValueError("--plot-attention draws a trained model: use it with --sample, after training")
         if args.llama_dir is not None or args.chat:
             if not (args.sample and args.llama_dir is not None):
                 raise ValueError("--llama-dir needs --sample, and --chat needs --llama-dir")
@@ -1246,6 +1226,8 @@ def main(argv: list[str] | None = None) -> None:
             sample_only(args)
         else:
             train(args, t_start)
+    except Stopped as e:
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except (OSError, ValueError, FloatingPointError) as e:

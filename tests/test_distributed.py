@@ -1,14 +1,23 @@
-"""Data parallel training on CPU with the gloo backend: the same main.py that runs on one device."""
+"""Data parallel training on CPU with the gloo backend: the same main.py that runs on one device.
+
+The torchrun tests share one uninterrupted 40-step run (`straight`) and compare the interrupted and
+restarted runs with it, bit for bit. They train a tiny model on text made below.
+"""
 
 import importlib
 import os
+import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -73,20 +82,150 @@ def test_grad_accumulation_of_two_equals_one_batch_twice_as_large():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
-def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, shakespeare_path):
-    data = tmp_path / "tiny.txt"
-    data.write_text(shakespeare_path.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
-           "--device", "cpu", "--data", str(data), "--out-dir", str(out_dir), "--max-iters", "30",
-           "--eval-interval", "15", "--eval-iters", "2", "--dim", "32", "--n-layers", "1", "--n-heads", "2",
-           "--n-kv-heads", "1", "--seq-len", "32", "--batch-size", "8", "--max-new-tokens", "10"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "x 2 ranks" in result.stdout  # the global batch counts both ranks
-    assert result.stdout.count("--- sample") == 1  # only rank 0 samples
+# ----------------------------------------------------------------------------- torchrun
+
+TORCHRUN_ARGS = ["--device", "cpu", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
+                 "--seq-len", "16", "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "10",
+                 "--warmup-iters", "5", "--lr-decay-iters", "40", "--eval-interval", "10", "--log-interval", "1"]
+
+
+def generated_text(n_lines: int = 160, seed: int = 0) -> str:
+    """Made-up verse with speakers, capitals and punctuation: about 5,500 characters, 58 distinct."""
+    rng = random.Random(seed)
+    words = ("the a thou art my lord sweet night light love death king queen fair what how shall not be "
+             "pray joy zeal quick vex youth grave").split()
+    lines = []
+    for i in range(n_lines):
+        if i % 6 == 0:
+            lines.append(rng.choice(["ROMEO:", "JULIET:", "KING HENRY:"]))
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(".,!?;"))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "verse.txt"
+    path.write_text(generated_text(), encoding="utf-8")
+    return path
+
+
+def torchrun(corpus: Path, out_dir: Path, *args, max_restarts: int = 0, deadline: float = 180) -> subprocess.Popen:
+    """Two gloo ranks of main.py on one thread each, with a c10d rendezvous as on a cluster; stdout and
+    stderr of all processes in one pipe. After `deadline` seconds, torchrun and its ranks are killed (a
+    hang then fails the test instead of stalling it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--max-restarts={max_restarts}",
+           "main.py", *TORCHRUN_ARGS, "--data", str(corpus), "--out-dir", str(out_dir), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    proc.timer = threading.Timer(deadline, kill_job, args=(proc,))
+    proc.timer.daemon = True
+    proc.timer.start()
+    return proc
+
+
+def children(pid: int) -> set[int]:
+    ps = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    return {int(child) for child, parent in (line.split() for line in ps.splitlines()) if int(parent) == pid}
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL to every rank, then to torchrun (each rank runs in a session of its own)."""
+    proc.timer.cancel()
+    for pid in [*children(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def read_until(proc: subprocess.Popen, pattern: str) -> re.Match:
+    """Read proc's output until a line matches `pattern`."""
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if match := re.search(pattern, line):
+            return match
+    raise AssertionError(f"the job ended before {pattern!r}:\n{seen}")
+
+
+def ranks(torchrun_pid: int, out_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the workers that torchrun started (rank 0 is the holder of out-dir/train.lock)."""
+    workers = children(torchrun_pid)
+    rank0 = int((out_dir / "train.lock").read_text().split()[1])
+    assert len(workers) == 2 and rank0 in workers, (workers, rank0)
+    return {0: rank0, 1: (workers - {rank0}).pop()}
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bit for bit: every weight, every optimizer tensor, the step and the loss log."""
+    assert a["step"] == b["step"]
+    for name, value in b["model"].items():
+        assert torch.equal(a["model"][name], value), name
+    for optimizer_a, optimizer_b in zip(a["optimizer"], b["optimizer"], strict=True):  # AdamW, then Muon if used
+        for i, state in optimizer_b["state"].items():
+            for key, value in state.items():
+                assert torch.equal(optimizer_a["state"][i][key], value), (i, key)
+    assert a["loss_log"] == b["loss_log"]
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory) -> tuple[Path, str]:
+    """40 steps without interruption: its out-dir and output."""
+    out_dir = tmp_path_factory.mktemp("straight")
+    proc = torchrun(corpus, out_dir, "--max-iters", "40")
+    output = proc.communicate()[0]
+    assert proc.returncode == 0, output[-3000:]
+    return out_dir, output
+
+
+def test_torchrun_two_processes_train_and_write_one_checkpoint(straight):
+    out_dir, output = straight
+    assert "x 2 ranks" in output  # the global batch counts both ranks
+    assert output.count("--- sample") == 1  # only rank 0 samples
     assert sorted(p.name for p in out_dir.iterdir() if p.suffix == ".pt") == ["best.pt", "ckpt.pt"]
+    assert len(torch.load(out_dir / "ckpt.pt", weights_only=True)["rng"]["data"]) == 2  # each rank's batches
     log = pd.read_csv(out_dir / "loss.csv")
-    assert list(log["step"]) == [0, 15, 30]
+    assert list(log["step"]) == [0, 10, 20, 30, 40]
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0] - 0.3
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_restart_ends_bit_for_bit_as_straight(
+        corpus, straight, tmp_path):
+    """SIGTERM to rank 1 only: rank 0 learns it through the all-reduce, both stop after the same step, rank 0
+    saves once; both exit 143, torchrun restarts them, and --resume auto goes on to step 40."""
+    proc = torchrun(corpus, tmp_path, "--max-iters", "40", "--resume", "auto", max_restarts=1)
+    try:
+        read_until(proc, r"^step 13/")
+        os.kill(ranks(proc.pid, tmp_path)[1], signal.SIGTERM)
+        step = int(read_until(proc, r"interrupted at step (\d+) \(SIGTERM\): checkpoint saved").group(1))
+        read_until(proc, rf"resumed from {re.escape(str(tmp_path / 'ckpt.pt'))} at step {step}$")
+        output = proc.communicate()[0]
+    finally:
+        kill_job(proc)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    assert_same_training_state(torch.load(tmp_path / "ckpt.pt", weights_only=True),
+                               torch.load(straight[0] / "ckpt.pt", weights_only=True))
+
+
+def test_a_killed_rank_restarts_from_the_last_checkpoint_and_without_restarts_every_process_ends(corpus, tmp_path):
+    proc = torchrun(corpus, tmp_path, "--max-iters", "100000", "--resume", "auto", max_restarts=1)
+    try:
+        read_until(proc, r"^step 12/")  # after the checkpoint of step 10
+        first = ranks(proc.pid, tmp_path)
+        os.kill(first[1], signal.SIGKILL)
+        step = int(read_until(proc, r"resumed from .* at step (\d+)$").group(1))
+        assert step >= 10 and step % 10 == 0
+        read_until(proc, rf"^step {step + 2}/")  # the job goes on
+        second = ranks(proc.pid, tmp_path)
+        os.kill(second[1], signal.SIGKILL)  # no restart left
+        output = proc.communicate()[0]
+        for pid in [*first.values(), *second.values()]:  # every process has ended
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        kill_job(proc)
+    assert proc.returncode != 0
+    assert "Signal 9 (SIGKILL) received by PID" in output  # torchrun names the failure
+    assert "error: rank 0: lost contact with another process of the job" in output

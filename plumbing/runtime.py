@@ -1,0 +1,220 @@
+"""What a long run needs from the operating system and the cluster, kept out of the chapter.
+
+- `StopSignals`: Ctrl-C (SIGINT) and SIGTERM (sent by SLURM, Kubernetes, `docker stop` and torchrun
+  before they kill a process) only ask the training loop to stop after the current step.
+- `lock_out_dir`: one training run per output directory.
+- `Progress`: a progress bar on a terminal, plain lines in a log file.
+- `setup_distributed`, `all_ranks_max`, `gather_from_ranks`, `wait_for_all_ranks`, `collective_errors`,
+  `teardown_distributed`:
+  the few torch.distributed calls that DistributedDataParallel training needs under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no out-dir lock
+    fcntl = None
+
+# A collective that waits longer than this for another rank fails instead of hanging: long enough for
+# rank 0 to evaluate and save while the others wait at the next step.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+LOCK_NAME = "train.lock"
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after saving; the process exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+class StopSignals:
+    """A context in which SIGINT and SIGTERM only set `signum`; the loop checks it after each step.
+
+    A second signal acts at once, as it would without this context.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def _record(self, signum: int, frame) -> None:
+        if self.signum:
+            self.__exit__()
+            signal.raise_signal(signum)
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- the out-dir lock
+
+
+@contextmanager
+def lock_out_dir(out_dir: Path) -> Iterator[None]:
+    """Create out_dir and hold it for this process while the context lasts, or fail before any work is done.
+
+    The lock is the kernel's (`flock` on out_dir/train.lock): it ends with the process, however the
+    process ends, so the lock of a killed run is simply taken over. The file names the holder (pid and
+    host) for the message that refuses a second run. No lock on Windows.
+
+    Raises:
+        OSError: out_dir cannot be created or written, or a live process holds the lock.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(out_dir / LOCK_NAME, "a+")
+    except OSError as e:
+        raise OSError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e})") from e
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise OSError(f"--out-dir {out_dir} is in use by a training run that is still alive ({holder}); "
+                              f"wait for it, stop it, or choose another --out-dir") from None
+            except OSError as e:  # a file system without locks (some Lustre mounts): train unlocked
+                print(f"note: cannot lock {out_dir} ({e.strerror}); make sure no other run writes there",
+                      file=sys.stderr)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        yield
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Training progress. On a terminal: a tqdm bar with the loss and learning rate. When stdout or
+    stderr is a file: one plain line every `every` steps (a bar would write every redraw into it).
+
+    Args:
+        total: the last step; initial: the step training starts from (after --resume).
+        tokens_per_step: for tokens/s. every: steps between plain lines. enabled: False on ranks > 0.
+    """
+
+    def __init__(self, total: int, initial: int, tokens_per_step: int, every: int, enabled: bool = True):
+        self.total, self.tokens_per_step, self.every, self.enabled = total, tokens_per_step, every, enabled
+        self.interactive = sys.stdout.isatty() and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=min(initial, total), desc="training", dynamic_ncols=True,
+                        disable=not (enabled and self.interactive))
+        self.last_step, self.last_time = initial, time.perf_counter()
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        """Report that `step` steps are done; `loss` and `lr` are those of the step just taken."""
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        if self.enabled and not self.interactive and (step % self.every == 0 or step == self.total):
+            now = time.perf_counter()
+            seconds_per_step = (now - self.last_time) / (step - self.last_step)
+            print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+                  f"{self.tokens_per_step / seconds_per_step:,.0f} tokens/s | "
+                  f"{tqdm.format_interval(seconds_per_step * (self.total - step))} left", flush=True)
+            self.last_step, self.last_time = step, now
+
+    def write(self, message: str) -> None:
+        """Print a line (above the bar, on a terminal)."""
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK), join the process group: NCCL on CUDA, gloo
+    on CPU. Each process uses the GPU of its LOCAL_RANK.
+
+    Returns:
+        rank, world_size and the device of this process ((0, 1, device) outside torchrun).
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun keeps one key-value store across restarts (PyTorch 2.13): under a prefix of its own, a
+        # restarted rank cannot read the addresses of the processes it replaces and wait for them forever.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    else:
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return rank, world_size, device
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_max(values: list[float], device: str) -> list[float]:
+    """The element-wise maximum of `values` over all ranks (so that every rank takes the same decision)."""
+    t = torch.tensor(values, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier: no rank goes on before every rank has come here."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_from_ranks(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] outside torchrun."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+@contextmanager
+def collective_errors():
+    """Under torchrun, turn the RuntimeError of a collective whose peer died into a one-line
+    ConnectionError (an OSError) that names this rank; torchrun then restarts or ends the job."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e))):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionError(f"rank {dist.get_rank()}: lost contact with another process of the job "
+                              f"({first_line}); see that process's log") from e
