@@ -191,7 +191,7 @@ class TrainConfig:
 PRESETS: dict[str, tuple[ModelArgs, TrainConfig]] = {
     "cpu": (
         ModelArgs(),
-        TrainConfig(batch_size=64, max_iters=500, warmup_iters=25, eval_interval=125, eval_iters=5,
+        TrainConfig(batch_size=64, max_iters=450, warmup_iters=25, eval_interval=150, eval_iters=5,
                     optimizer="muon", muon_lr=0.015, schedule="wsd", cooldown_frac=0.6),
     ),
     "gpu": (
@@ -563,7 +563,7 @@ def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = torch.tensor([tokenizer.encode(text)[: model.params.max_seq_len]])
+    tokens = torch.tensor([tokenizer.encode(text, bos=True)[: model.params.max_seq_len]])  # as in training
     seqlen = tokens.shape[1]
     model.eval()
     last = model.layers[-1]
@@ -574,7 +574,7 @@ def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None
             h = layer(h, freqs_cis)  # the last layer's input
         weights = attention.attention_weights(last.attention, last.attention_norm(h), freqs_cis)[0]
     n_heads, n_rep = weights.shape[0], last.attention.n_rep
-    labels = [inputs.VISIBLE.get(c, c) for c in tokenizer.decode(tokens[0].tolist())]
+    labels = ["BOS", *(inputs.VISIBLE.get(c, c) for c in tokenizer.decode(tokens[0, 1:].tolist()))]
     ncols = min(n_heads, 2)  # a 2-column grid keeps one label per character legible
     nrows = -(-n_heads // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 6.5 * nrows + 0.6), layout="constrained",

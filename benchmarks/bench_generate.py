@@ -68,22 +68,23 @@ def generate_no_cache(model: main.Transformer, tokens: list[int], max_new_tokens
     """Greedy decoding by full recompute: every step runs the model over the whole context.
 
     The context is the same window main.generate keeps in its cache, so the logits (and the text)
-    match: the window grows one token per step; when it would pass max_seq_len, it restarts from
-    the last max_seq_len // 2 tokens, the way main.generate refills its cache.
+    match: `tokens` opens with <|begin_of_text|>, which stays first; the window after it grows one
+    token per step, and when BOS and the window would pass max_seq_len, the window restarts from the
+    newest max_seq_len // 2 tokens, the way main.generate refills its cache.
     """
     max_seq_len = model.params.max_seq_len
-    everything = list(tokens)  # prompt + new tokens
-    start = 0  # the context is everything[start:]
+    bos, everything = tokens[0], list(tokens[1:])  # BOS; prompt + new tokens
+    start = 0  # the context is BOS + everything[start:]
     new_tokens: list[int] = []
     while len(new_tokens) < max_new_tokens:
-        context = torch.tensor([everything[start:]])  # (1, context_len)
+        context = torch.tensor([[bos, *everything[start:]]])  # (1, context_len)
         logits, _ = model(context)  # start_pos=None: no KV cache, all positions recomputed
         token = int(torch.argmax(logits[0, -1]))
         if token == eos_id:
             break
         new_tokens.append(token)
         everything.append(token)
-        if len(everything) - start > max_seq_len:  # main.generate's cache is full: slide the window
+        if 1 + len(everything) - start > max_seq_len:  # main.generate's cache is full: slide the window
             start = len(everything) - max_seq_len // 2
     return new_tokens
 
@@ -111,7 +112,7 @@ def long_context(tokenizer: main.inputs.CharTokenizer) -> dict:
     cache_s, cached_text = best_time(
         lambda: main.generate(model, tokenizer, prompt, LONG_NEW_TOKENS, temperature=0.0), 1)
     nocache_s, nocache_ids = best_time(
-        lambda: generate_no_cache(model, tokenizer.encode(prompt), LONG_NEW_TOKENS, tokenizer.eos_id), 1)
+        lambda: generate_no_cache(model, tokenizer.encode(prompt, bos=True), LONG_NEW_TOKENS, tokenizer.eos_id), 1)
     if cached_text != tokenizer.decode(nocache_ids):
         sys.exit("error: at long context, the cached and recomputed texts differ")
     n = len(cached_text)
@@ -133,7 +134,7 @@ def run() -> None:
 
     model, tokenizer, source = load_model(args.ckpt)
     model.eval()
-    prompt_ids = tokenizer.encode(PROMPT)
+    prompt_ids = tokenizer.encode(PROMPT, bos=True)
     print(f"model: {source}; max_seq_len {model.params.max_seq_len}, {torch.get_num_threads()} threads")
     print(f"prompt: {len(PROMPT)} characters, then {NEW_TOKENS} new tokens, greedy")
 

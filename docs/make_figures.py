@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="corpus (default: data/tinyshakespeare.txt, downloaded if missing)")
     parser.add_argument("--fig-dir", type=Path, default=ROOT / "docs" / "figures", help="where the PNGs go")
-    parser.add_argument("--max-iters", type=int, default=1000,
-                        help="training steps for the loss and attention plots (1000: the default run)")
+    parser.add_argument("--max-iters", type=int, default=None,
+                        help="training steps for the loss and attention plots (default: the default run's)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="keep the training run (checkpoint, loss.csv) here (default: a temporary folder)")
     args, train_flags = parser.parse_known_args(argv)
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         run(chapter, "--fig-dir", str(fig_dir), *(data if chapter.startswith("01") else []))
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = str(args.out_dir.resolve()) if args.out_dir else tmp
-        run("main.py", *data, "--out-dir", out_dir, "--max-iters", str(args.max_iters),
-            "--eval-interval", str(max(1, args.max_iters // 10)), *train_flags)
+        steps = [] if args.max_iters is None else ["--max-iters", str(args.max_iters),
+                                                   "--eval-interval", str(max(1, args.max_iters // 10))]
+        run("main.py", *data, "--out-dir", out_dir, *steps, *train_flags)
         run("main.py", "--sample", "--plot-attention", "--max-new-tokens", "0", "--out-dir", out_dir)
         shutil.copy(Path(out_dir) / "loss.png", fig_dir / "main_loss.png")
         shutil.copy(Path(out_dir) / "figures" / "main_attention.png", fig_dir / "main_attention.png")
