@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny corpus that every test can train on, and the real Tiny Shakespeare file."""
+"""Shared fixtures: small corpora that tests write themselves, and the real Tiny Shakespeare file."""
 
 from __future__ import annotations
 
 import importlib
+import random
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,27 @@ def tiny_corpus(tmp_path: Path, tiny_text: str) -> Path:
     """The tiny text as a UTF-8 file, for the code paths that read `--data PATH`."""
     path = tmp_path / "tiny.txt"
     path.write_text(tiny_text, encoding="utf-8")
+    return path
+
+
+def generated_text(n_lines: int = 160, seed: int = 0) -> str:
+    """Made-up verse with speakers, capitals and punctuation: about 5,500 characters, 58 distinct."""
+    rng = random.Random(seed)
+    words = ("the a thou art my lord sweet night light love death king queen fair what how shall not be "
+             "pray joy zeal quick vex youth grave").split()
+    lines = []
+    for i in range(n_lines):
+        if i % 6 == 0:
+            lines.append(rng.choice(["ROMEO:", "JULIET:", "KING HENRY:"]))
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(".,!?;"))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Generated verse as a file, for the tests that run main.py on a corpus with more characters than VERSE."""
+    path = tmp_path_factory.mktemp("corpus") / "verse.txt"
+    path.write_text(generated_text(), encoding="utf-8")
     return path
 
 

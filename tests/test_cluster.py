@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import random
 import re
 import signal
 import socket
@@ -28,26 +27,6 @@ TINY = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
         "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "0"]
 # Subprocesses use one thread, as the tests do (conftest): the same thread count, the same floating-point sums.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-
-
-def generated_text(n_lines: int = 160, seed: int = 0) -> str:
-    """Made-up verse with speakers, capitals and punctuation: about 5,500 characters, 58 distinct."""
-    rng = random.Random(seed)
-    words = ("the a thou art my lord sweet night light love death king queen fair what how shall not be "
-             "pray joy zeal quick vex youth grave").split()
-    lines = []
-    for i in range(n_lines):
-        if i % 6 == 0:
-            lines.append(rng.choice(["ROMEO:", "JULIET:", "KING HENRY:"]))
-        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(".,!?;"))
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "verse.txt"
-    path.write_text(generated_text(), encoding="utf-8")
-    return path
 
 
 def start_cli(*args) -> subprocess.Popen:

@@ -6,7 +6,6 @@ restarted runs with it, bit for bit. They train a tiny model on text made below.
 
 import importlib
 import os
-import random
 import re
 import signal
 import socket
@@ -87,26 +86,6 @@ def test_grad_accumulation_of_two_equals_one_batch_twice_as_large():
 TORCHRUN_ARGS = ["--device", "cpu", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
                  "--seq-len", "16", "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "10",
                  "--warmup-iters", "5", "--lr-decay-iters", "40", "--eval-interval", "10", "--log-interval", "1"]
-
-
-def generated_text(n_lines: int = 160, seed: int = 0) -> str:
-    """Made-up verse with speakers, capitals and punctuation: about 5,500 characters, 58 distinct."""
-    rng = random.Random(seed)
-    words = ("the a thou art my lord sweet night light love death king queen fair what how shall not be "
-             "pray joy zeal quick vex youth grave").split()
-    lines = []
-    for i in range(n_lines):
-        if i % 6 == 0:
-            lines.append(rng.choice(["ROMEO:", "JULIET:", "KING HENRY:"]))
-        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(".,!?;"))
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "verse.txt"
-    path.write_text(generated_text(), encoding="utf-8")
-    return path
 
 
 def torchrun(corpus: Path, out_dir: Path, *args, max_restarts: int = 0, deadline: float = 180) -> subprocess.Popen:

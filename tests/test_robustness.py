@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import random
 import shlex
 import signal
 import subprocess
@@ -68,27 +67,6 @@ def assert_loadable(ckpt: Path) -> dict:
     model_args = main.ModelArgs(**checkpoint["model_args"])
     main.Transformer(model_args).load_state_dict(checkpoint["model"])
     return checkpoint
-
-
-def generated_text(n_lines: int = 160, seed: int = 0) -> str:
-    """Made-up verse with speakers, capitals and punctuation: about 5,500 characters, 58 distinct."""
-    rng = random.Random(seed)
-    words = ("the a thou art my lord sweet night light love death king queen fair what how shall not be "
-             "pray joy zeal quick vex youth grave").split()
-    lines = []
-    for i in range(n_lines):
-        if i % 6 == 0:
-            lines.append(rng.choice(["ROMEO:", "JULIET:", "KING HENRY:"]))
-        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(".,!?;"))
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Generated verse (the tests do not need the real corpus)."""
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(generated_text(), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
