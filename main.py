@@ -24,7 +24,6 @@ import argparse
 import importlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,20 +43,14 @@ from plumbing import (
     Stopped,
     StopSignals,
     all_ranks_max,
+    cli,
     collective_errors,
-    context_length,
-    dropout_type,
     gather_from_ranks,
     lock_out_dir,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    resume_type,
-    seed_type,
+    pick_device,
+    save_checkpoint,
     setup_distributed,
     teardown_distributed,
-    temperature_type,
-    top_p_type,
     wait_for_all_ranks,
 )
 
@@ -383,20 +376,6 @@ def evaluate_split(model: nn.Module, data: np.ndarray, seq_len: int, bos_id: int
 
 
 # ----------------------------------------------------------------------------- checkpoints and logs
-
-
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write atomically: a temporary file, flushed to disk, then renamed over the old one.
-    Killing the process at any moment leaves either the old or the new checkpoint, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed write: no half-written file left behind
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -848,116 +827,9 @@ LLAMA_SEQ_LEN = 2048  # --llama-dir's default context: the KV cache holds this m
 ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
-def preset_defaults(field: str) -> str:
-    """What each preset uses for a ModelArgs or TrainConfig field, for --help: ' (cpu: 64, gpu: 384)' for dim."""
-    values = [f"{name}: {getattr(m if hasattr(m, field) else t, field)}" for name, (m, t) in PRESETS.items()]
-    return f" ({', '.join(values)})"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train a LLaMA 3 model on Tiny Shakespeare (character level) and sample from it.")
-    io = p.add_argument_group("data, output and hardware")
-    io.add_argument("--data", default=None,
-                    help="UTF-8 text file to train on (default: data/tinyshakespeare.txt, downloaded if missing)")
-    io.add_argument("--out-dir", type=Path, default=Path("out"),
-                    help="where ckpt.pt, best.pt, loss.csv, loss.png and metrics.json go (default: %(default)s)")
-    io.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                    help="model and training sizes: 'cpu' learns in minutes on a laptop; "
-                         "'gpu' is nanoGPT's 10.7M-parameter Shakespeare size (default: %(default)s)")
-    io.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
-    io.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="compute dtype (bfloat16 = autocast, float32 master weights); "
-                         "default: bfloat16 on a CUDA GPU that supports it, else float32")
-    io.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    io.add_argument("--resume", nargs="?", const=True, default=False, type=resume_type, metavar="auto",
-                    help="continue training from out-dir/ckpt.pt (its model and settings, unless flags override); "
-                         "'--resume auto' resumes if that file exists and starts fresh otherwise (for restarts)")
-    io.add_argument("--sample", action="store_true", help="load out-dir/ckpt.pt and only generate; no training")
-    io.add_argument("--best", action="store_true",
-                    help="with --sample: load out-dir/best.pt, the weights of the evaluation with the lowest val "
-                         "loss (training writes it beside ckpt.pt, the last weights)")
-    io.add_argument("--log-interval", type=positive_int, default=50,
-                    help="when the output goes to a file: one line every N steps instead of a progress bar "
-                         "(default: %(default)s)")
-
-    m = p.add_argument_group("model (defaults come from --preset)")
-    m.add_argument("--dim", type=positive_int, help="embedding width" + preset_defaults("dim"))
-    m.add_argument("--n-layers", type=positive_int, help="transformer blocks" + preset_defaults("n_layers"))
-    m.add_argument("--n-heads", type=positive_int, help="query heads" + preset_defaults("n_heads"))
-    m.add_argument("--n-kv-heads", type=positive_int,
-                   help="key/value heads (divides --n-heads; fewer = GQA)" + preset_defaults("n_kv_heads"))
-    m.add_argument("--seq-len", type=context_length,
-                   help="context length in characters (max_seq_len)" + preset_defaults("max_seq_len"))
-    m.add_argument("--dropout", type=dropout_type, help="dropout probability in training" + preset_defaults("dropout"))
-
-    t = p.add_argument_group("training (defaults come from --preset)")
-    t.add_argument("--max-iters", type=positive_int,
-                   help="total optimizer steps, also after --resume" + preset_defaults("max_iters"))
-    t.add_argument("--batch-size", type=positive_int,
-                   help="sequences per micro-batch (per process under torchrun)" + preset_defaults("batch_size"))
-    t.add_argument("--grad-accum", type=positive_int,
-                   help="micro-batches per optimizer step" + preset_defaults("grad_accum"))
-    t.add_argument("--optimizer", choices=["adamw", "muon"],
-                   help="adamw for everything, or muon for the blocks' matrices and adamw for the embeddings, "
-                        "output layer and norms; fixed for a run (not changeable with --resume)"
-                        + preset_defaults("optimizer"))
-    t.add_argument("--learning-rate", type=positive_float,
-                   help="AdamW's peak learning rate" + preset_defaults("learning_rate"))
-    t.add_argument("--muon-lr", type=positive_float,
-                   help="Muon's peak learning rate (with --optimizer muon)" + preset_defaults("muon_lr"))
-    t.add_argument("--min-lr", type=positive_float,
-                   help="AdamW's learning rate at the end of the decay (Muon's is scaled by the ratio of the peaks)"
-                        + preset_defaults("min_lr"))
-    t.add_argument("--schedule", choices=["cosine", "wsd"],
-                   help="after the warmup: cosine decay, or wsd (flat, then a linear decay over the last "
-                        "--cooldown-frac of the steps)" + preset_defaults("schedule"))
-    t.add_argument("--cooldown-frac", type=positive_float,
-                   help="with --schedule wsd: the share of the steps spent decaying, in (0, 1]"
-                        + preset_defaults("cooldown_frac"))
-    t.add_argument("--warmup-iters", type=non_negative_int,
-                   help="steps of linear warmup" + preset_defaults("warmup_iters"))
-    t.add_argument("--lr-decay-iters", type=positive_int,
-                   help="step where the decay ends (default: --max-iters of the first run)")
-    t.add_argument("--eval-interval", type=positive_int,
-                   help="evaluate and save a checkpoint every N steps" + preset_defaults("eval_interval"))
-    t.add_argument("--eval-iters", type=positive_int,
-                   help="batches per evaluation estimate" + preset_defaults("eval_iters"))
-    t.add_argument("--seed", type=seed_type, help="random seed (same seed, same run on CPU)" + preset_defaults("seed"))
-
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT,
-                   help="text to continue, after <|begin_of_text|>; '' starts from it alone (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=non_negative_int, default=500,
-                   help="characters to generate (default: %(default)s)")
-    g.add_argument("--temperature", type=temperature_type, default=0.8,
-                   help="sampling temperature; 0 = greedy (always the most likely character) (default: %(default)s)")
-    g.add_argument("--top-p", type=top_p_type, default=0.9, help="nucleus sampling: keep the most likely "
-                   "characters whose probability adds up to p (1 = keep all) (default: %(default)s)")
-    g.add_argument("--plot-attention", action="store_true",
-                   help="with --sample: also draw the model's attention to out-dir/figures/main_attention.png")
-
-    lm = p.add_argument_group("Meta's Llama 3 (see the README: Run the real Llama 3.2 1B)")
-    lm.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
-                    help="with --sample: generate with the Llama 3 checkpoint in DIR, Meta's layout (params.json, "
-                         "consolidated.00.pth) or Hugging Face's (config.json, model*.safetensors), plus "
-                         "tokenizer.model. The prompt follows <|begin_of_text|>; --seq-len sets the context "
-                         f"(default {LLAMA_SEQ_LEN}), --dtype the weights' dtype (default: the checkpoint's), "
-                         "--max-new-tokens counts BPE tokens")
-    lm.add_argument("--chat", action="store_true",
-                    help="with --llama-dir: send --prompt as one user turn in Llama 3's chat format (Instruct models)")
-    return p
-
-
-def pick_device(choice: str) -> str:
-    """'auto' -> cuda, then mps, then cpu. An explicit choice that is not available is an error."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if choice == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available[choice]:
-        raise ValueError(f"--device {choice} is not available on this machine; use --device cpu or auto")
-    return choice
+    """Every flag of main.py (written out in plumbing/cli.py), with each preset's defaults in --help."""
+    return cli.build_parser(PRESETS, DEFAULT_PROMPT, LLAMA_SEQ_LEN)
 
 
 def resolve_configs(args: argparse.Namespace, checkpoint: dict | None) -> tuple[ModelArgs, TrainConfig]:

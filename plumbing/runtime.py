@@ -7,6 +7,8 @@
 - `setup_distributed`, `all_ranks_max`, `gather_from_ranks`, `wait_for_all_ranks`, `collective_errors`,
   `teardown_distributed`:
   the few torch.distributed calls that DistributedDataParallel training needs under torchrun.
+- `pick_device`: --device auto, cpu, cuda or mps.
+- `save_checkpoint`: an atomic write, so that a killed run never leaves half a checkpoint.
 """
 
 from __future__ import annotations
@@ -218,3 +220,27 @@ def collective_errors():
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(f"rank {dist.get_rank()}: lost contact with another process of the job "
                               f"({first_line}); see that process's log") from e
+
+
+def pick_device(choice: str) -> str:
+    """'auto' -> cuda, then mps, then cpu. An explicit choice that is not available is an error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[choice]:
+        raise ValueError(f"--device {choice} is not available on this machine; use --device cpu or auto")
+    return choice
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old one.
+    Killing the process at any moment leaves either the old or the new checkpoint, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write: no half-written file left behind
