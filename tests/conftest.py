@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import main
+
 inputs = importlib.import_module("01_input_block")
 
 # The tests use tiny tensors: one thread is fastest, and stays fast when other jobs share the CPU.
@@ -66,3 +68,28 @@ def shakespeare_path() -> Path:
     Found as a learner finds it: data/tinyshakespeare.txt, else downloaded and checksum-verified."""
     inputs.load_text()  # downloads only when the file is missing
     return inputs.DEFAULT_DATA_PATH
+
+
+# ----------------------------------------------------------------------------- helpers the test files import
+
+
+def cli_error(argv: list) -> str:
+    """Run the CLI in-process; it must exit with a one-line 'error: ...' message."""
+    with pytest.raises(SystemExit) as exc:
+        main.main([str(a) for a in argv])
+    message = exc.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints, bit for bit: every weight, every optimizer tensor, the step and the loss log."""
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in b["model"].items():
+        assert torch.equal(a["model"][name], value), name
+    for optimizer_a, optimizer_b in zip(a["optimizer"], b["optimizer"], strict=True):  # AdamW, then Muon if used
+        for i, state in optimizer_b["state"].items():
+            for key, value in state.items():
+                assert torch.equal(optimizer_a["state"][i][key], value), (i, key)
+    assert a["loss_log"] == b["loss_log"]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import assert_same_training_state, cli_error
 
 import plumbing
 
@@ -43,28 +43,6 @@ def read_until(proc: subprocess.Popen, pattern: str) -> str:
         if re.search(pattern, line):
             return seen
     raise AssertionError(f"the process ended before {pattern!r}: {seen}{proc.stderr.read()}")
-
-
-def cli_error(argv: list) -> str:
-    """Run the CLI in-process; it must exit with a one-line 'error: ...' message."""
-    with pytest.raises(SystemExit) as exc:
-        main.main([str(a) for a in argv])
-    message = exc.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Bit for bit: every weight, every optimizer tensor, the step and the loss log."""
-    assert a["step"] == b["step"]
-    assert a["model"].keys() == b["model"].keys()
-    for name, value in b["model"].items():
-        assert torch.equal(a["model"][name], value), name
-    for optimizer_a, optimizer_b in zip(a["optimizer"], b["optimizer"], strict=True):  # AdamW, then Muon if used
-        for i, state in optimizer_b["state"].items():
-            for key, value in state.items():
-                assert torch.equal(optimizer_a["state"][i][key], value), (i, key)
-    assert a["loss_log"] == b["loss_log"]
 
 
 # ----------------------------------------------------------------------------- SIGTERM

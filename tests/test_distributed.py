@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import assert_same_training_state
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 main = importlib.import_module("main")
@@ -134,18 +135,6 @@ def ranks(torchrun_pid: int, out_dir: Path) -> dict[int, int]:
     rank0 = int((out_dir / "train.lock").read_text().split()[1])
     assert len(workers) == 2 and rank0 in workers, (workers, rank0)
     return {0: rank0, 1: (workers - {rank0}).pop()}
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Bit for bit: every weight, every optimizer tensor, the step and the loss log."""
-    assert a["step"] == b["step"]
-    for name, value in b["model"].items():
-        assert torch.equal(a["model"][name], value), name
-    for optimizer_a, optimizer_b in zip(a["optimizer"], b["optimizer"], strict=True):  # AdamW, then Muon if used
-        for i, state in optimizer_b["state"].items():
-            for key, value in state.items():
-                assert torch.equal(optimizer_a["state"][i][key], value), (i, key)
-    assert a["loss_log"] == b["loss_log"]
 
 
 @pytest.fixture(scope="module")

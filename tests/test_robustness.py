@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_same_training_state, cli_error
 
 main = importlib.import_module("main")
 inputs = importlib.import_module("01_input_block")
@@ -34,15 +35,6 @@ TINY = [*TINY_MODEL, "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def cli_error(argv: list) -> str:
-    """Run the CLI in-process; it must exit with a one-line 'error: ...' message (status 1)."""
-    with pytest.raises(SystemExit) as exc:
-        main.main([str(a) for a in argv])
-    message = exc.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def start_cli(*args, out_dir: Path | None = None) -> subprocess.Popen:
@@ -382,11 +374,7 @@ def test_resume_is_exact(corpus: Path, tmp_path: Path, capsys):
     assert f"resumed from {split / 'ckpt.pt'} at step 20" in capsys.readouterr().out
     a, b = assert_loadable(split / "ckpt.pt"), assert_loadable(straight / "ckpt.pt")
     assert a["step"] == b["step"] == 40
-    for key, value in b["model"].items():
-        assert torch.equal(a["model"][key], value), key
-    for optimizer_a, optimizer_b in zip(a["optimizer"], b["optimizer"], strict=True):  # AdamW, then Muon if used
-        for i, state in optimizer_b["state"].items():
-            assert all(torch.equal(optimizer_a["state"][i][k], v) for k, v in state.items()), i
+    assert_same_training_state(a, b)
     log_a, log_b = pd.read_csv(split / "loss.csv"), pd.read_csv(straight / "loss.csv")
     assert log_a["step"].tolist() == log_b["step"].tolist() == [0, 10, 20, 30, 40]
     pd.testing.assert_frame_equal(log_a, log_b, check_exact=True)
