@@ -204,25 +204,28 @@ def test_wsd_warms_up_stays_flat_then_decays_linearly():
     assert main.get_lr(110, cfg, peak_lr=0.02) == pytest.approx(0.002)
 
 
-@pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
-def test_our_muon_in_bfloat16_is_torch_optim_muon_bit_for_bit(shape):
-    """Ours only adds the choice of the Newton-Schulz dtype: in bfloat16 it must be torch.optim.Muon exactly,
-    momentum, Nesterov, the tall/wide handling, the update scale and the weight decay included."""
+def test_our_muon_in_bfloat16_is_torch_optim_muon_bit_for_bit():
+    """Ours only adds the choice of the Newton-Schulz dtype, and orthogonalizes matrices of one shape as one
+    stack: in bfloat16 it must be torch.optim.Muon exactly, momentum, Nesterov, the tall/wide handling, the
+    update scale and the weight decay included, for every matrix of the stack."""
     torch.manual_seed(0)
-    ours, theirs = nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(shape))
-    with torch.no_grad():
-        theirs.copy_(ours)
-    opt_ours = main.Muon([ours], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
-    opt_theirs = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (24, 8)]
+    ours = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = main.Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
     for _ in range(3):
-        grad = torch.randn(shape)
-        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
         opt_ours.step()
         opt_theirs.step()
-        assert torch.equal(ours, theirs)
+        for p, q in zip(ours, theirs, strict=True):
+            assert torch.equal(p, q)
     # float32 Newton-Schulz (our CPU default) is the same update up to bfloat16's rounding
-    fp32 = main.newton_schulz(grad, torch.float32)
-    torch.testing.assert_close(main.newton_schulz(grad, torch.bfloat16).float(), fp32, atol=0.03, rtol=0)
+    grads = torch.stack([p.grad for p in ours if p.shape == (24, 8)])
+    fp32 = main.newton_schulz(grads, torch.float32)
+    torch.testing.assert_close(main.newton_schulz(grads, torch.bfloat16).float(), fp32, atol=0.03, rtol=0)
     singular_values = torch.linalg.svdvals(fp32)
     assert singular_values.min() > 0.5 and singular_values.max() < 1.3  # orthogonalized: all near 1
 
