@@ -38,12 +38,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from plumbing import (
+from plumbing import cli
+from plumbing.runtime import (
     Progress,
     Stopped,
     StopSignals,
     all_ranks_max,
-    cli,
     collective_errors,
     gather_from_ranks,
     lock_out_dir,
@@ -250,7 +250,7 @@ class Muon(torch.optim.Optimizer):
     scaled by sqrt(max(1, rows / cols)), decoupled weight decay), except that the Newton-Schulz products
     run in `ns_dtype`. torch.optim.Muon always uses bfloat16: fast on a GPU, but emulated by a CPU without
     bf16 instructions, where one Muon step of the default model took 122 ms in bfloat16 against 16 ms in
-    float32 (a forward and backward pass of the batch: 330 ms).
+    float32, one matrix at a time (a forward and backward pass of the batch: 330 ms).
     """
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95,
@@ -832,10 +832,6 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
 
 # ----------------------------------------------------------------------------- command line
 
-MODEL_FLAGS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
-               "seq_len": "max_seq_len", "dropout": "dropout"}
-TRAIN_FLAGS = ("batch_size", "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "grad_accum",
-               "eval_interval", "eval_iters", "seed", "optimizer", "muon_lr", "schedule", "cooldown_frac")
 DEFAULT_PROMPT = "ROMEO:"
 LLAMA_SEQ_LEN = 2048  # --llama-dir's default context: the KV cache holds this many tokens
 ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"
@@ -853,27 +849,7 @@ def resolve_configs(args: argparse.Namespace, checkpoint: dict | None) -> tuple[
     else:
         model_args = ModelArgs(**checkpoint["model_args"])
         cfg = TrainConfig(**checkpoint["train_config"])
-    given_model = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
-    if checkpoint is not None:
-        differ = {f"--{k.replace('_', '-')}" for k, f in MODEL_FLAGS.items()
-                  if f in given_model and given_model[f] != getattr(model_args, f)}
-        if differ:
-            raise ValueError(f"--resume: {', '.join(sorted(differ))} differ from the checkpoint's model; "
-                             f"drop them or train a new model in another --out-dir")
-    model_args = replace(model_args, **given_model)
-    cfg = replace(cfg, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
-    if cfg.lr_decay_iters is None:  # fixed now, so that --resume --max-iters N does not restart the schedule
-        cfg = replace(cfg, lr_decay_iters=cfg.max_iters)
-    if checkpoint is not None and cfg.optimizer != checkpoint["train_config"].get("optimizer", "adamw"):
-        raise ValueError(f"--resume: --optimizer {cfg.optimizer} differs from the checkpoint's; "
-                         f"drop it or train a new model in another --out-dir")
-    if cfg.cooldown_frac > 1:
-        raise ValueError(f"--cooldown-frac {cfg.cooldown_frac:g}: the decay cannot be longer than the run; give a "
-                         f"value in (0, 1]")
-    if cfg.min_lr > cfg.learning_rate:
-        raise ValueError(f"--learning-rate {cfg.learning_rate:g} is below the final learning rate "
-                         f"(min_lr {cfg.min_lr:g}); give a smaller --min-lr too")
-    return model_args, cfg
+    return cli.apply_flags(args, model_args, cfg, resuming=checkpoint is not None)
 
 
 def train(args: argparse.Namespace, t_start: float) -> None:
@@ -1072,7 +1048,7 @@ def sample_llama(args: argparse.Namespace) -> None:
     """--sample --llama-dir DIR: Meta's Llama 3 continues --prompt, and the text appears as it comes."""
     ignored = [flag for flag, given in (("--data", args.data), ("--resume", args.resume), ("--compile", args.compile),
                                         ("--plot-attention", args.plot_attention)) if given]
-    ignored += [f"--{flag.replace('_', '-')}" for flag in MODEL_FLAGS if flag != "seq_len" and getattr(args, flag)]
+    ignored += [f"--{flag.replace('_', '-')}" for flag in cli.MODEL_FLAGS if flag != "seq_len" and getattr(args, flag)]
     if ignored:
         raise ValueError(f"{', '.join(ignored)} cannot go with --llama-dir: the model comes from its directory")
     device = pick_device(args.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from plumbing.validators import (
@@ -16,6 +17,12 @@ from plumbing.validators import (
     temperature_type,
     top_p_type,
 )
+
+# The flags that override a ModelArgs field (flag name: field name) or a TrainConfig field (same names).
+MODEL_FLAGS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
+               "seq_len": "max_seq_len", "dropout": "dropout"}
+TRAIN_FLAGS = ("batch_size", "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "grad_accum",
+               "eval_interval", "eval_iters", "seed", "optimizer", "muon_lr", "schedule", "cooldown_frac")
 
 
 def build_parser(presets: dict, default_prompt: str, llama_seq_len: int) -> argparse.ArgumentParser:
@@ -119,3 +126,28 @@ def build_parser(presets: dict, default_prompt: str, llama_seq_len: int) -> argp
     lm.add_argument("--chat", action="store_true",
                     help="with --llama-dir: send --prompt as one user turn in Llama 3's chat format (Instruct models)")
     return p
+
+
+def apply_flags(args: argparse.Namespace, model_args, cfg, resuming: bool) -> tuple:
+    """The ModelArgs and TrainConfig that a run uses: model_args and cfg (a preset's, or a resumed checkpoint's)
+    with the flags given on top, checked against each other. Raises ValueError with a one-line reason."""
+    given_model = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    if resuming:
+        differ = {f"--{k.replace('_', '-')}" for k, f in MODEL_FLAGS.items()
+                  if f in given_model and given_model[f] != getattr(model_args, f)}
+        if differ:
+            raise ValueError(f"--resume: {', '.join(sorted(differ))} differ from the checkpoint's model; "
+                             f"drop them or train a new model in another --out-dir")
+    new_cfg = replace(cfg, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    if resuming and new_cfg.optimizer != cfg.optimizer:
+        raise ValueError(f"--resume: --optimizer {new_cfg.optimizer} differs from the checkpoint's; "
+                         f"drop it or train a new model in another --out-dir")
+    if new_cfg.lr_decay_iters is None:  # fixed now, so that --resume --max-iters N does not restart the schedule
+        new_cfg = replace(new_cfg, lr_decay_iters=new_cfg.max_iters)
+    if new_cfg.cooldown_frac > 1:
+        raise ValueError(f"--cooldown-frac {new_cfg.cooldown_frac:g}: the decay cannot be longer than the run; "
+                         f"give a value in (0, 1]")
+    if new_cfg.min_lr > new_cfg.learning_rate:
+        raise ValueError(f"--learning-rate {new_cfg.learning_rate:g} is below the final learning rate "
+                         f"(min_lr {new_cfg.min_lr:g}); give a smaller --min-lr too")
+    return replace(model_args, **given_model), new_cfg

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_same_training_state, cli_error
 
-import plumbing
+from plumbing.runtime import Progress
 
 main = importlib.import_module("main")
 
@@ -98,7 +98,7 @@ def test_output_to_a_file_gets_plain_lines_and_no_progress_bar(corpus, tmp_path)
 def test_progress_keeps_the_bar_on_a_terminal(monkeypatch, capsys):
     for stream in (sys.stdout, sys.stderr):
         monkeypatch.setattr(stream, "isatty", lambda: True)
-    progress = plumbing.Progress(total=20, initial=0, tokens_per_step=64, every=5)
+    progress = Progress(total=20, initial=0, tokens_per_step=64, every=5)
     for step in range(1, 21):
         progress.update(step, loss=2.0, lr=1e-3)
     progress.close()
