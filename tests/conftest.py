@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ inputs = importlib.import_module("01_input_block")
 
 # The tests use tiny tensors: one thread is fastest, and stays fast when other jobs share the CPU.
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
 
 VERSE = """ROMEO:
 But soft, what light through yonder window breaks?
@@ -71,6 +77,25 @@ def shakespeare_path() -> Path:
 
 
 # ----------------------------------------------------------------------------- helpers the test files import
+
+
+def start_cli(*args) -> subprocess.Popen:
+    """`python main.py ARGS` in the repository root, with stdout and stderr in pipes (not a terminal), as under a
+    scheduler. One thread, as in the tests themselves: the same thread count, the same floating-point sums."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=env, text=True,
+                            encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def interrupt(proc: subprocess.Popen, signum: int, training: Callable[[], object]) -> tuple[str, str]:
+    """Once training() returns (the run is in its training loop), send signum; return the run's stdout and
+    stderr. The run is killed whatever happens, so a failing test leaves no process behind."""
+    try:
+        training()
+        proc.send_signal(signum)
+        return proc.communicate(timeout=60)
+    finally:
+        proc.kill()
 
 
 def cli_error(argv: list) -> str:

@@ -13,26 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import assert_same_training_state, cli_error
+from conftest import assert_same_training_state, cli_error, interrupt, start_cli
 
 from plumbing.runtime import Progress
 
 main = importlib.import_module("main")
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--seq-len", "16",
         "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "0"]
-# Subprocesses use one thread, as the tests do (conftest): the same thread count, the same floating-point sums.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-
-
-def start_cli(*args) -> subprocess.Popen:
-    """`python main.py ARGS` with stdout and stderr in pipes (not a terminal), as under a scheduler."""
-    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=ENV, text=True,
-                            encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def read_until(proc: subprocess.Popen, pattern: str) -> str:
@@ -54,12 +44,7 @@ def test_sigterm_saves_exits_143_and_the_resumed_run_ends_bit_for_bit_where_a_st
               "--log-interval", "1"]
     stopped = tmp_path / "stopped"
     proc = start_cli(*common, "--out-dir", stopped, "--max-iters", "100000")
-    try:
-        read_until(proc, r"^step 3/")  # in the training loop, between two evaluations
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    stdout, stderr = interrupt(proc, signal.SIGTERM, lambda: read_until(proc, r"^step 3/"))  # between 2 evaluations
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr
     step = main.load_checkpoint(stopped / "ckpt.pt")["step"]

@@ -24,24 +24,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_same_training_state, cli_error
+from conftest import REPO, assert_same_training_state, cli_error, interrupt, start_cli
 
 main = importlib.import_module("main")
 inputs = importlib.import_module("01_input_block")
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--seq-len", "16"]
 TINY = [*TINY_MODEL, "--batch-size", "4", "--eval-iters", "2", "--max-new-tokens", "20"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def start_cli(*args, out_dir: Path | None = None) -> subprocess.Popen:
-    """`python main.py ARGS` in the repository root, as a learner runs it."""
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=env, text=True,
-                            encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 90.0, poll: float = 0.01) -> None:
@@ -345,13 +337,12 @@ def checkpoint_step(out_dir: Path) -> int:
 def test_ctrl_c_saves_and_says_how_to_resume(corpus: Path, tmp_path: Path):
     out_dir = tmp_path / "out"
     proc = start_cli("--data", corpus, "--out-dir", out_dir, *TINY, "--max-iters", "100000", "--eval-interval", "1000")
-    try:
+
+    def training() -> None:
         wait_for(lambda: (out_dir / "ckpt.pt").exists(), proc)  # step 0 is saved; the training loop runs
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+
+    stdout, stderr = interrupt(proc, signal.SIGINT, training)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     step = assert_loadable(out_dir / "ckpt.pt")["step"]
