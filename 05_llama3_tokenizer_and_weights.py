@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 
 from main import ModelArgs, Transformer, sample_top_p
 from plumbing import llama_files
-from plumbing.chat import build_parser, print_tokens, read_user_turns
+from plumbing.chat import build_parser, cpu_matrix_vector_kernel, print_tokens, read_user_turns
 from plumbing.runtime import pick_device
 
 # ----------------------------------------------------------------------------- Llama 3's tokenizer
@@ -363,7 +363,8 @@ class Conversation:
                 raise ContextFull(f"the context is full ({self.model.params.max_seq_len} tokens, --seq-len): "
                                   f"the conversation ends here")
             new = torch.tensor([self.tokens[self.pos :]], device=device)  # (1, seqlen): what the cache lacks
-            logits, _ = self.model(new, start_pos=self.pos)  # (1, seqlen, vocab_size)
+            with cpu_matrix_vector_kernel(new.shape[1]):  # one token: a faster kernel on a CPU
+                logits, _ = self.model(new, start_pos=self.pos)  # (1, seqlen, vocab_size)
             self.pos = len(self.tokens)
             token = self.sample(logits[0, -1])
             self.tokens.append(token)
@@ -431,40 +432,49 @@ def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
-def write_tiny_llama(root: Path) -> tuple[Path, Path]:
-    """One random tiny Llama 3, written as Meta ships Llama 3.2 1B (output.weight the same tensor as the
-    embedding) and as Hugging Face does (its names, wq and wk rows reordered, no lm_head), with a
-    tokenizer.model of the 256 bytes alone (vocab_size 256 + 256 special tokens). Returns both directories."""
+def random_llama(params: dict, std: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights with Meta's names and shapes for `params` (params.json's keys): matrices of normal
+    numbers of this std, norm gains 1, and output.weight the embedding tensor itself, as in Meta's 1B and 3B files."""
     generator = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        shapes = Transformer(ModelArgs(**TINY_PARAMS)).state_dict()
-    # Matrices random (std 0.15: logits that spread), norm gains 1.
-    weights = {name: torch.randn(t.shape, generator=generator) * 0.15 if t.dim() == 2 else torch.ones(t.shape)
-               for name, t in shapes.items()}
-    weights["output.weight"] = weights["tok_embeddings.weight"]
+        shapes = Transformer(ModelArgs(**params)).state_dict()
+    weights = {name: (torch.randn(t.shape, generator=generator) * std if t.dim() == 2 else torch.ones(t.shape))
+               .to(dtype) for name, t in shapes.items() if name != "output.weight"}
+    return {**weights, "output.weight": weights["tok_embeddings.weight"]}
+
+
+def write_both_layouts(root: Path, weights: dict[str, torch.Tensor], params: dict, tokenizer: str) -> tuple[Path, Path]:
+    """The same weights in Meta's layout and in what Hugging Face's conversion script makes of it (its names,
+    wq and wk rows reordered, no lm_head when tied), each with `tokenizer` as tokenizer.model. Returns both paths."""
+    meta, hf = root / "meta", root / "hf"
+    for path in (meta, hf):
+        path.mkdir(parents=True)
+        (path / "tokenizer.model").write_text(tokenizer)
+    (meta / "params.json").write_text(json.dumps(params))
+    torch.save(weights, meta / "consolidated.00.pth")
+
     to_hf = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"} | {
-        f"layers.{i}.{meta}.weight": f"model.layers.{i}.{hf}.weight"
-        for i in range(TINY_PARAMS["n_layers"]) for hf, meta in HF_LAYER_NAMES.items()}
-    hf_weights = {}
+        f"layers.{i}.{meta_name}.weight": f"model.layers.{i}.{hf_name}.weight"
+        for i in range(params["n_layers"]) for hf_name, meta_name in HF_LAYER_NAMES.items()}
+    tied = weights["output.weight"] is weights["tok_embeddings.weight"]
+    hf_weights = {} if tied else {"lm_head.weight": weights["output.weight"]}
     for name, hf_name in to_hf.items():
         w = weights[name]
         if name.endswith(("wq.weight", "wk.weight")):
-            w = permute_for_hf(w, TINY_PARAMS["n_heads"] if ".wq." in name else TINY_PARAMS["n_kv_heads"])
-        hf_weights[hf_name] = w
-    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "intermediate_size": weights["layers.0.feed_forward.w1.weight"].shape[0],
-              "vocab_size": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
-    meta, hf = root / "meta", root / "hf"
-    for path in (meta, hf):
-        path.mkdir()
-        (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
-                                                      for b in range(256)))
-    (meta / "params.json").write_text(json.dumps(TINY_PARAMS))
-    torch.save(weights, meta / "consolidated.00.pth")
+            w = permute_for_hf(w, params["n_heads"] if ".wq." in name else params["n_kv_heads"])
+        hf_weights[hf_name] = w.contiguous()
+    save_file(hf_weights, hf / "model.safetensors")
+    factor = meta_rope_scaling_factor(ModelArgs(**params))
+    rope = {"rope_type": "llama3", "rope_theta": params["rope_theta"], "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": params["dim"],
+              "num_hidden_layers": params["n_layers"], "num_attention_heads": params["n_heads"],
+              "num_key_value_heads": params["n_kv_heads"], "vocab_size": params["vocab_size"],
+              "intermediate_size": weights["layers.0.feed_forward.w1.weight"].shape[0],
+              "rms_norm_eps": params["norm_eps"], "tie_word_embeddings": tied, "max_position_embeddings": 131072,
+              "rope_parameters": rope if params["use_scaled_rope"] else {"rope_type": "default",
+                                                                         "rope_theta": params["rope_theta"]}}
     (hf / "config.json").write_text(json.dumps(config))
-    save_file({name: w.contiguous() for name, w in hf_weights.items()}, hf / "model.safetensors")
     return meta, hf
 
 
@@ -529,7 +539,9 @@ def demo_tokenizer(path: Path, corpus: Path | None) -> None:
 def demo(args: argparse.Namespace) -> None:
     """No download: a tiny random Llama 3 in both layouts, Llama 3.2 1B counted, and the real tokenizer if present."""
     with tempfile.TemporaryDirectory() as tmp:
-        meta_dir, hf_dir = write_tiny_llama(Path(tmp))
+        byte_tokenizer = "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+        # std 0.15: logits that spread out
+        meta_dir, hf_dir = write_both_layouts(Path(tmp), random_llama(TINY_PARAMS, 0.15), TINY_PARAMS, byte_tokenizer)
         quiet = lambda line: None  # noqa: E731
         models = {"meta": load_llama(meta_dir, 64, log=quiet)[0], "hf": load_llama(hf_dir, 64, log=quiet)[0]}
         # What a loader that renames Hugging Face's tensors but keeps their row order would get:
