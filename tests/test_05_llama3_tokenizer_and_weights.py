@@ -139,10 +139,12 @@ def random_unicode(rng: random.Random, n_pieces: int) -> str:
 def test_llama3_bpe_equals_metas_on_random_unicode(llama3_tokenizer, metas_tokenizer):
     rng = random.Random(0)
     texts = [random_unicode(rng, rng.randint(1, 300)) for _ in range(300)]
-    # Runs of more than 25,000 spaces or non-spaces, which Meta's encode cuts (the \x1c run is whitespace).
-    texts += ["a" * 60_001 + " b", " " * 30_000 + "x" * 25_001, "\x1c" * 25_002 + "ab", "ab" * 20_000 + "\u3000" * 9]
-    for text in texts:
+    # Runs of more than 25,000 non-spaces or spaces, which Meta's encode cuts (\x1c and \u3000 are spaces).
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzé") for _ in range(80_000))
+    long_runs = [letters + " b", " " * 30_000 + letters[:25_001], "\x1c\u3000" * 12_501 + "ab", letters[:25_003]]
+    for text in texts + long_runs:
         assert llama3_tokenizer.encode(text) == metas_tokenizer.encode(text, bos=False, eos=False), text[:80]
+    assert llama3_tokenizer.encode(letters) != llama3_tokenizer.model.encode_ordinary(letters)  # the cuts matter
 
 
 def test_llama3_chat_format_equals_metas_encode_dialog_prompt(llama3_tokenizer, metas_tokenizer):
