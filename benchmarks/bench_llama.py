@@ -16,7 +16,9 @@ hits both alike:
 Every new token reads every weight once, so bandwidth / weight bytes is the most tokens per second any
 implementation can decode. Both decode the same 6-token prompt for --new-tokens tokens (stop tokens
 ignored) with --threads threads; tokens/s counts the tokens after the first. Peak RSS is the process's
-high-water mark (Linux VmHWM), after decoding, when every weight has been read.
+high-water mark (Linux VmHWM), after decoding, when every weight has been read. Each measure is reported as
+its best run and its median over --rounds: where other jobs share the machine, the best run is the nearest
+to what a quiet machine gives.
 
 The text is gibberish (random weights); the speed and memory are those of the real model.
 tokenizer.model comes from the llama-models package (requirements-test.txt) unless --tokenizer is given.
@@ -72,10 +74,10 @@ def timed_decode(tokens, n: int) -> dict:
     return {"first_token_s": times[0] - t0, "tokens_per_s": (n - 1) / (times[-1] - times[0])}
 
 
-def measure_ours(path: Path, n: int) -> dict:
+def measure_ours(path: Path, n: int, dtype: torch.dtype) -> dict:
     rss_before = peak_rss()
     t0 = time.perf_counter()
-    model, tokenizer = llama.load_llama(path / "meta", max_seq_len=len(PROMPT) + n, log=lambda line: None)
+    model, tokenizer = llama.load_llama(path / "meta", max_seq_len=len(PROMPT) + n, dtype=dtype, log=lambda line: None)
     load_s = time.perf_counter() - t0
     tokenizer.stop_ids = set()  # decode exactly n tokens
     conversation = llama.Conversation(model, tokenizer, temperature=0)
@@ -85,7 +87,7 @@ def measure_ours(path: Path, n: int) -> dict:
             "params": sum(p.numel() for p in model.parameters()), "weights_gb": sum(weights.values()) / 1e9}
 
 
-def measure_theirs(path: Path, n: int) -> dict:
+def measure_theirs(path: Path, n: int, dtype: torch.dtype) -> dict:
     from transformers import LlamaForCausalLM
 
     class Clock:  # transformers' streamer interface: put() receives the prompt, then each new token
@@ -100,7 +102,7 @@ def measure_theirs(path: Path, n: int) -> dict:
 
     rss_before = peak_rss()
     t0 = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(path / "hf", dtype=torch.bfloat16).eval()
+    model = LlamaForCausalLM.from_pretrained(path / "hf", dtype=dtype).eval()
     load_s = time.perf_counter() - t0
     clock = Clock()
     t0 = time.perf_counter()
@@ -137,7 +139,7 @@ def child(what: str, path: Path, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh Python process with --threads threads."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, __file__, "--measure", what, "--dir", str(path), "--new-tokens", str(args.new_tokens),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--dtype", args.dtype]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"error: measuring {what} failed:\n{done.stderr}")
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="runs of each, taking turns (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the weights' dtype once loaded; the file is bfloat16 (default: %(default)s)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="Meta's tokenizer.model (default: the copy in the llama-models package)")
     parser.add_argument("--dir", type=Path, default=None,
@@ -159,8 +163,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         torch.set_num_threads(args.threads)
-        measure = {"ours": lambda: measure_ours(args.dir, args.new_tokens),
-                   "theirs": lambda: measure_theirs(args.dir, args.new_tokens), "bandwidth": measure_bandwidth}
+        dtype = getattr(torch, args.dtype)
+        measure = {"ours": lambda: measure_ours(args.dir, args.new_tokens, dtype),
+                   "theirs": lambda: measure_theirs(args.dir, args.new_tokens, dtype), "bandwidth": measure_bandwidth}
         print(json.dumps(measure[args.measure]()))
         return
 
@@ -187,39 +192,41 @@ def main() -> None:
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
-    median = lambda what, key: statistics.median(r[key] for r in runs[what])  # noqa: E731
-    ours = runs["ours"][0]
-    weights_gb = ours["weights_gb"]
-    bandwidth = max(r["read_gb_per_s"] for r in runs["bandwidth"])
-    bound = bandwidth / weights_gb
+    """Each measure's best run and median. On a machine that others share, the best run is the nearest to
+    what a quiet machine gives."""
+    def stat(what: str, key: str, best=max) -> dict:
+        values = [r[key] for r in runs[what]]
+        return {"best": best(values), "median": statistics.median(values), "runs": values}
+
+    names = {"ours": "ours", "theirs": "transformers"}
+    weights_gb = runs["ours"][0]["weights_gb"]
+    bandwidth = stat("bandwidth", "read_gb_per_s")["best"]
     result = {
-        "shape": args.shape, "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
-        "cpu": cpu_name(), "params": ours["params"], "weights_gb": weights_gb,
-        "ours_tokens_per_s": median("ours", "tokens_per_s"), "theirs_tokens_per_s": median("theirs", "tokens_per_s"),
-        "ours_tokens_per_s_runs": [r["tokens_per_s"] for r in runs["ours"]],
-        "theirs_tokens_per_s_runs": [r["tokens_per_s"] for r in runs["theirs"]],
-        "read_gb_per_s": bandwidth,
-        "onednn_linear_gb_per_s": max(r["onednn_linear_gb_per_s"] for r in runs["bandwidth"]),
-        "pytorch_linear_gb_per_s": max(r["pytorch_linear_gb_per_s"] for r in runs["bandwidth"]),
-        "bound_tokens_per_s": bound, "ours_over_bound": median("ours", "tokens_per_s") / bound,
-        "ours_first_token_s": median("ours", "first_token_s"),
-        "theirs_first_token_s": median("theirs", "first_token_s"),
-        "ours_load_s": median("ours", "load_s"), "theirs_load_s": median("theirs", "load_s"),
-        "ours_peak_rss_gb": max(r["peak_rss_gb"] for r in runs["ours"]),
-        "theirs_peak_rss_gb": max(r["peak_rss_gb"] for r in runs["theirs"]),
-        "ours_rss_before_load_gb": ours["rss_before_gb"],
-        "ours_peak_rss_over_weights": max(r["peak_rss_gb"] for r in runs["ours"]) / weights_gb,
+        "shape": args.shape, "dtype": args.dtype, "threads": args.threads, "new_tokens": args.new_tokens,
+        "rounds": args.rounds, "cpu": cpu_name(), "params": runs["ours"][0]["params"], "weights_gb": weights_gb,
+        "tokens_per_s": {names[w]: stat(w, "tokens_per_s") for w in names},
+        "read_gb_per_s": bandwidth, "bound_tokens_per_s": bandwidth / weights_gb,
+        "linear_gb_per_s": {kernel: stat("bandwidth", f"{kernel}_linear_gb_per_s")["best"]
+                            for kernel in ("pytorch", "onednn")},
+        "first_token_s": {names[w]: stat(w, "first_token_s", min)["best"] for w in names},
+        "load_s": {names[w]: stat(w, "load_s", min)["best"] for w in names},
+        "peak_rss_gb": {names[w]: stat(w, "peak_rss_gb")["best"] for w in names},
+        "rss_before_load_gb": runs["ours"][0]["rss_before_gb"],
     }
-    print(f"{result['params']:,} parameters, {weights_gb:.2f} GB; {args.threads} threads on {result['cpu']}")
-    print(f"decode: ours {result['ours_tokens_per_s']:.2f} tokens/s, transformers {result['theirs_tokens_per_s']:.2f} "
-          f"(medians of {args.rounds}); bound {bandwidth:.1f} GB/s / {weights_gb:.2f} GB = {bound:.2f} tokens/s, "
-          f"ours at {result['ours_over_bound']:.0%} of it "
-          f"(bfloat16 F.linear of a vector streams {result['onednn_linear_gb_per_s']:.1f} GB/s with oneDNN, "
-          f"{result['pytorch_linear_gb_per_s']:.1f} GB/s with PyTorch's kernel)")
-    print(f"peak RSS: ours {result['ours_peak_rss_gb']:.2f} GB = {result['ours_peak_rss_over_weights']:.2f}x the "
-          f"weights ({result['ours_rss_before_load_gb']:.2f} GB before loading), transformers "
-          f"{result['theirs_peak_rss_gb']:.2f} GB; first token ours {result['ours_first_token_s']:.2f} s, transformers "
-          f"{result['theirs_first_token_s']:.2f} s")
+    ours_best = result["tokens_per_s"]["ours"]["best"]
+    print(f"{result['params']:,} parameters, {weights_gb:.2f} GB in {args.dtype}; {args.threads} threads on "
+          f"{result['cpu']}")
+    for name, speed in result["tokens_per_s"].items():
+        print(f"  {name:12s} {speed['best']:5.2f} tokens/s at best, {speed['median']:5.2f} median "
+              f"(runs: {', '.join(f'{v:.2f}' for v in speed['runs'])})")
+    print(f"  bound        {result['bound_tokens_per_s']:5.2f} tokens/s = {bandwidth:.1f} GB/s read / "
+          f"{weights_gb:.2f} GB per token; ours at best {ours_best / result['bound_tokens_per_s']:.0%} of it")
+    linear = result["linear_gb_per_s"]
+    print(f"  one token's kernel alone (bfloat16 F.linear of a vector): PyTorch's {linear['pytorch']:.1f} GB/s (ours), "
+          f"oneDNN's {linear['onednn']:.1f} GB/s (transformers)")
+    rss = result["peak_rss_gb"]
+    print(f"  peak RSS: ours {rss['ours']:.2f} GB = {rss['ours'] / weights_gb:.2f}x the weights "
+          f"({result['rss_before_load_gb']:.2f} GB before loading), transformers {rss['transformers']:.2f} GB")
     print(json.dumps(result))
 
 

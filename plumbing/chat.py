@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_type, default=0, help="random seed for sampling (default: %(default)s)")
     p.add_argument("--llama-tokenizer", type=Path, default=None,
                    help="demo: Meta's tokenizer.model (default: llama-models' copy, if installed)")
-    p.add_argument("--data", type=Path, default=Path("data/tinyshakespeare.txt"),
-                   help="demo: a text to count in BPE tokens, if the file exists (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt",
+                   help="demo: a text to count in BPE tokens, if the file exists (default: data/tinyshakespeare.txt)")
     p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), help="demo: where the figure goes")
     return p
 
