@@ -13,17 +13,20 @@ Checkpoints. Meta's layout (params.json, consolidated.00.pth) uses Meta's names.
 (config.json, model*.safetensors) renames every tensor and reorders the rows of wq and wk inside each
 head: its RoPE rotates the first half of a head against the second half, Meta's rotates adjacent pairs
 (chapter 2). Taken as they are, those rows rotate the wrong coordinates together: the logits are wrong
-and nothing fails loudly, so `load_llama` undoes the reordering. Llama 3.2 1B and 3B tie the output
-layer to the embedding: Meta's file stores `output.weight` as the same tensor, Hugging Face's leaves it
-out. Either way the model gets one Parameter, so the 1B model is 1,235,814,400 parameters (2.47 GB in
-bfloat16), not 1,498,482,688.
+and nothing fails loudly, so `load_llama` undoes the reordering. params.json does not give the RoPE
+scaling factor (chapter 2): 32 for Llama 3.2 1B and 3B, 8 for Llama 3.1, so the loader tells them apart by
+shape. Llama 3.2 1B and 3B tie the output layer to the embedding: Meta's file stores `output.weight` as
+the same tensor, Hugging Face's leaves it out. Either way the model gets one Parameter, so the 1B model is
+1,235,814,400 parameters (2.47 GB in bfloat16), not 1,498,482,688. The file is memory-mapped and its
+tensors become the parameters: a weight is copied only to reorder it or to change its dtype.
 
 Chat. An Instruct model reads Meta's `encode_dialog_prompt`: <|begin_of_text|>, then per message
 <|start_header_id|>role<|end_header_id|> "\\n\\n" content <|eot_id|>, then the assistant's header; the
 answer ends with <|eot_id|>. We follow it, content as it is. Hugging Face's chat template differs: it
-trims each message, and from Llama 3.1 on it adds a system turn with dates ("Cutting Knowledge Date:
-December 2023", "Today Date: ...") when there is none. A conversation keeps its KV cache across turns:
-each turn feeds only its new tokens at the running position (Meta's `forward(tokens, start_pos)`).
+trims each message, and from Llama 3.1 on it always opens with a system turn that starts with dates
+("Cutting Knowledge Date: December 2023", "Today Date: ..."), before your system message if you give one.
+A conversation keeps its KV cache across turns: each turn feeds only its new tokens at the running
+position (Meta's `forward(tokens, start_pos)`).
 
 Needs: main.py (Transformer, sample_top_p), and through it chapters 1-4.
 Run:   python 05_llama3_tokenizer_and_weights.py               # demo on a tiny random model, no download
@@ -545,7 +548,7 @@ def demo(args: argparse.Namespace) -> None:
         quiet = lambda line: None  # noqa: E731
         models = {"meta": load_llama(meta_dir, 64, log=quiet)[0], "hf": load_llama(hf_dir, 64, log=quiet)[0]}
         # What a loader that renames Hugging Face's tensors but keeps their row order would get:
-        models["hf_as_stored"] = Transformer(replace(models["meta"].params))
+        models["hf_as_stored"] = Transformer(models["meta"].params)
         stored = {hf_to_meta_name(name): w for name, w in load_file(hf_dir / "model.safetensors").items()}
         models["hf_as_stored"].load_state_dict({**stored, "output.weight": stored["tok_embeddings.weight"]})
     tokens = torch.tensor([list(b"ROMEO: But soft, what light through yonder window")])  # (1, 49), byte ids

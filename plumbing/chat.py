@@ -73,6 +73,8 @@ def read_user_turns() -> Iterator[str]:
         line = sys.stdin.readline()
         message = line.removesuffix("\n")
         if not line or message == "/exit":
+            if interactive and not line:  # Ctrl-D after the "> " prompt: end its line
+                print()
             return
         if not interactive:
             print(f"> {message}")
