@@ -302,11 +302,11 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
                          f"{tokenizer.vocab_size}")
     with torch.device("meta"):  # shapes only: no memory, no initialization
         model = Transformer(replace(llama_files.checked(model_args, path), max_seq_len=max_seq_len, max_batch_size=1))
+    llama_files.check_names_and_shapes(state_dict, model.state_dict(), path)  # output.weight may be left out
     embedding, output = state_dict["tok_embeddings.weight"], state_dict.pop("output.weight", None)
     tied = output is None or same_matrix(embedding, output)  # Llama 3.2 1B and 3B: output = the embedding
     if not tied:
         state_dict["output.weight"] = output
-    llama_files.check_names_and_shapes(state_dict, model.state_dict(), tied, path)
 
     dtype = dtype or embedding.dtype
     for name, tensor in state_dict.items():
@@ -514,8 +514,8 @@ def plot_figure(logits: dict[str, torch.Tensor], counts: dict[str, int], fig_dir
     right.bar_label(bars, [f"{c / 1e6:,.1f}M ({c / total:.0%})" for c in counts.values()], padding=3)
     right.invert_yaxis()
     right.set_xlim(0, max(counts.values()) / 1e6 * 1.35)
-    right.set(title=f"Llama 3.2 1B: {total:,} parameters, {2 * total / 1e9:.2f} GB in bfloat16\n"
-                    f"(an untied output would add {counts['embedding = output'] / 1e6:,.0f}M)",
+    right.set(title=f"Llama 3.2 1B: {total:,} parameters, output tied\n({2 * total / 1e9:.2f} GB in bfloat16; "
+                    f"an untied output would add {counts['embedding = output'] / 1e6:,.0f}M)",
               xlabel="parameters (millions)")
     fig.tight_layout()
     path = fig_dir / "05_llama3_weights.png"

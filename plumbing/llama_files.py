@@ -139,9 +139,10 @@ def checked(model_args, source: Path):
     return model_args
 
 
-def check_names_and_shapes(state_dict: dict, expected: dict[str, torch.Tensor], tied: bool, source: Path) -> None:
-    """The checkpoint holds exactly the model's tensors (output.weight aside when tied), each of its shape."""
-    expected = {name: t for name, t in expected.items() if not (tied and name == "output.weight")}
+def check_names_and_shapes(state_dict: dict, expected: dict[str, torch.Tensor], source: Path) -> None:
+    """The checkpoint holds exactly the model's tensors, each of its shape; output.weight may be left out
+    (the output layer is then the embedding)."""
+    expected = {name: t for name, t in expected.items() if name != "output.weight" or name in state_dict}
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"{source}: the weights do not fit its params.json or config.json: " + "; ".join(

@@ -644,6 +644,10 @@ def test_errors_for_weights_that_do_not_fit(checkpoints, tmp_path, capsys):
     assert "unknown keys vision_chunk_size" in bad_dir_error(path, capsys)
     (path / "params.json").write_text("{not json")
     assert "not valid JSON" in bad_dir_error(path, capsys)
+    (path / "params.json").write_text(json.dumps(params))
+    state_dict = torch.load(path / "consolidated.00.pth", weights_only=True)
+    torch.save({k: v for k, v in state_dict.items() if k != "tok_embeddings.weight"}, path / "consolidated.00.pth")
+    assert "missing tok_embeddings.weight" in bad_dir_error(path, capsys)
 
     hf = tmp_path / "hf"
     shutil.copytree(checkpoints["hf_factor32_tied_gqa"][0], hf)
