@@ -74,16 +74,18 @@ LLAMA3_NAMED_SPECIAL_TOKENS = [
 LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + [
     f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_NAMED_SPECIAL_TOKENS))
 ]
-# Meta's Tokenizer.encode gives tiktoken at most 400,000 characters at a time, and cuts runs of more than
-# 25,000 spaces or non-spaces, to bound tiktoken's work. A cut inside a word changes the ids, so we cut
-# where Meta does: on Tiny Shakespeare, character 400,000 splits " we" into " " and "we" (Hugging Face's
-# tokenizer, which does not cut, has one token fewer there).
+# Meta's Tokenizer.encode gives tiktoken at most 400,000 characters at a time (tiktoken used to panic on
+# longer texts, Meta's comment says), and cuts runs of more than 25,000 spaces or non-spaces (tiktoken issue
+# #195: such runs were slow). A cut inside a word changes the ids, so we cut where Meta does: on Tiny
+# Shakespeare, character 400,000 splits " we" into " " and "we" (Hugging Face's tokenizer, which does not
+# cut, has one token fewer there).
 MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000
-LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
+LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")  # \s is str.isspace, as Meta's
 
 
 def meta_pieces(text: str) -> Iterator[str]:
-    """text cut where Meta's Tokenizer.encode cuts it before BPE."""
+    """`text` in the pieces Meta's Tokenizer.encode gives tiktoken: cut every MAX_ENCODE_CHARS characters,
+    then, within each chunk, every MAX_RUN_CHARS characters of a longer run of spaces or of non-spaces."""
     for start in range(0, len(text), MAX_ENCODE_CHARS):
         chunk, cut = text[start : start + MAX_ENCODE_CHARS], 0
         for run in LONG_RUN.finditer(chunk):

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     data = ["--data", str(args.data.resolve())] if args.data else []
 
     for chapter in CHAPTERS:
-        run(chapter, "--fig-dir", str(fig_dir), *(data if chapter.startswith("01") else []))
+        run(chapter, "--fig-dir", str(fig_dir), *(data if chapter.startswith(("01", "05")) else []))
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = str(args.out_dir.resolve()) if args.out_dir else tmp
         steps = [] if args.max_iters is None else ["--max-iters", str(args.max_iters),

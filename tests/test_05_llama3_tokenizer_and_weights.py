@@ -410,10 +410,11 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.params = main.ModelArgs(vocab_size=vocab_size, max_seq_len=max_seq_len)
         self.tok_embeddings = torch.nn.Embedding(1, 1)
-        self.script, self.calls = iter(script), []
+        self.script, self.calls, self.onednn = iter(script), [], []
 
     def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> tuple[torch.Tensor, None]:
         self.calls.append((start_pos, tokens[0].tolist()))
+        self.onednn.append(torch.backends.mkldnn.enabled)
         logits = torch.zeros(1, tokens.shape[1], self.params.vocab_size)
         logits[0, -1, next(self.script)] = 1.0
         return logits, None
@@ -439,6 +440,8 @@ def test_a_conversation_feeds_each_turn_once_and_closes_a_cut_answer(llama3_toke
     assert conversation.tokens == [t for _, tokens in model.calls for t in tokens] + [a]
     assert conversation.tokens[: len(first) + 3] == tok.encode_dialog_prompt(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) + [a, b, c]
+    # One-token steps run on PyTorch's matrix-vector kernel, longer chunks on oneDNN's; the switch is put back.
+    assert model.onednn == [len(tokens) > 1 for _, tokens in model.calls] and torch.backends.mkldnn.enabled
 
 
 def test_a_full_context_ends_the_conversation_with_an_error(llama3_tokenizer):
