@@ -22,30 +22,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
                    help="a Llama 3 checkpoint: Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or "
                         "Hugging Face's (config.json, model*.safetensors, tokenizer.model or tokenizer.json)")
-    p.add_argument("--prompt", default=None,
+    p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="text to continue (default: 'The capital of France is'); with --chat, one user turn "
                         "(default: one turn per line of stdin)")
     p.add_argument("--chat", action="store_true", help="talk in Llama 3's chat format (Instruct models)")
-    p.add_argument("--system", default=None, help="with --chat: a system message before the first turn")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=256,
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before the first turn")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=256, metavar="N",
                    help="tokens to generate at most per answer (default: %(default)s)")
-    p.add_argument("--temperature", type=temperature_type, default=0.6,
+    p.add_argument("--temperature", type=temperature_type, default=0.6, metavar="T",
                    help="sampling temperature; 0 = greedy (default: %(default)s, as in Meta's examples)")
-    p.add_argument("--top-p", type=top_p_type, default=0.9,
+    p.add_argument("--top-p", type=top_p_type, default=0.9, metavar="P",
                    help="nucleus sampling: keep the most likely tokens whose probability adds up to p "
                         "(default: %(default)s)")
-    p.add_argument("--seq-len", type=context_length, default=2048,
+    p.add_argument("--seq-len", type=context_length, default=2048, metavar="N",
                    help="the context in tokens, which sizes the KV cache (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="the weights' dtype (default: the checkpoint's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
-    p.add_argument("--seed", type=seed_type, default=0, help="random seed for sampling (default: %(default)s)")
-    p.add_argument("--llama-tokenizer", type=Path, default=None,
+    p.add_argument("--seed", type=seed_type, default=0, metavar="N",
+                   help="random seed for sampling (default: %(default)s)")
+    p.add_argument("--llama-tokenizer", type=Path, default=None, metavar="PATH",
                    help="demo: Meta's tokenizer.model (default: llama-models' copy, if installed)")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt",
+                   metavar="PATH",
                    help="demo: a text to count in BPE tokens, if the file exists (default: data/tinyshakespeare.txt)")
-    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), help="demo: where the figure goes")
+    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), metavar="DIR",
+                   help="demo: where the figure goes (default: %(default)s)")
     return p
 
 
