@@ -363,6 +363,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
     # ---- the loop: AdamW on A and B; Ctrl-C or SIGTERM saves, then --resume continues
     progress = Progress(cfg.max_iters, step, cfg.batch_size * seq_len, args.log_interval)
     first_step, t0 = step, time.perf_counter()
+    model.train()  # the base's dropout, if it has any, as in its own training
     with lock_out_dir(out_dir), StopSignals() as stop:
         while step < cfg.max_iters:
             loss = lora_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, data_gen, device, step)
@@ -397,11 +398,11 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
 
 def use_adapter(args: argparse.Namespace) -> None:
     """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
-    adapter_path = args.out_dir / "adapter.pt"
-    adapter = load_adapter(adapter_path)
     if args.export_peft is not None and args.llama_dir is None:
         raise ValueError("--export-peft needs --llama-dir: peft adapts transformers' LlamaForCausalLM, "
                          "which main.py's character model is not")
+    adapter_path = args.out_dir / "adapter.pt"
+    adapter = load_adapter(adapter_path)
     device = pick_device(args.device)
     model, tokenizer, _ = load_base(args, args.seq_len or adapter["seq_len"], device)
     apply_adapter(model, adapter, str(adapter_path))
