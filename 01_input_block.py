@@ -3,8 +3,8 @@
 A language model never sees text, only integers. LLaMA 3 uses a 128K-token BPE
 vocabulary (tiktoken); we use the simplest tokenizer that still works: one token
 per character. Like LLaMA 3 we put the special tokens after the ordinary ones:
-`<|begin_of_text|>` (BOS) and `<|end_of_text|>` (EOS). Meta's base tokenizer has
-no padding token, and neither do we.
+`<|begin_of_text|>` (BOS) and `<|end_of_text|>` (EOS). We need no padding token
+(Meta's tokenizer has one, `<|finetune_right_pad_id|>`): every window is full.
 
     text --CharTokenizer.encode--> ids (numpy int64) --split--> train / val
     train --get_batch--> y = ids[i : i+T],  x = [BOS] + ids[i : i+T-1]
@@ -18,27 +18,18 @@ The corpus has no document ends, so EOS never occurs in training.
 The last 10% of the corpus is held out for validation, as nanoGPT does, so our
 losses compare with published figures.
 
-Real LLaMA 3 does not read characters: `Llama3Tokenizer` (at the end of this chapter) is its
-byte-level BPE, which starts from the 256 bytes and merges frequent neighbours into 128,000
-tokens, then adds 256 special tokens. Every string has an encoding (no unknown characters),
-and a token carries more text: Tiny Shakespeare's 1,115,394 characters are 301,768 Llama 3
-tokens, 3.7 characters per token. Each token costs one forward pass, so the same context
-length holds 3.7 times more text and generation moves 3.7 times faster through it. The price
-is a large vocabulary: in Llama 3.2 1B the embedding matrix alone (shared with the output
-layer) is 128,256 x 2,048 numbers, a fifth of the model.
+Real LLaMA 3 reads byte-level BPE tokens (128,256 of them, about 3.7 characters each), not
+characters: chapter 5 builds that tokenizer, once the model is complete.
 
 Needs: nothing from the other chapters.
-Run:   python 01_input_block.py [--data PATH] [--llama-tokenizer PATH/tokenizer.model]
+Run:   python 01_input_block.py [--data PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import hashlib
 import http.client
-import importlib.util
 import os
 import sys
 import urllib.request
@@ -46,7 +37,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -159,89 +149,6 @@ class CharTokenizer:
         return cls(d["chars"])
 
 
-# ----------------------------------------------------------------------------- Llama 3's real tokenizer
-
-# Llama 3's pre-tokenizer: text is first cut into words, numbers of up to three digits, runs of
-# punctuation and whitespace; BPE then merges bytes only inside each piece.
-LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# The 256 special tokens come after the BPE tokens, in Meta's order: <|begin_of_text|> is 128000.
-LLAMA3_NAMED_SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
-]
-LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + [
-    f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_NAMED_SPECIAL_TOKENS))
-]
-
-
-def load_bpe_ranks(path: Path) -> dict[bytes, int]:
-    """Read Meta's tokenizer.model: one token per line, its bytes in base64, then its rank.
-
-    A lower rank is a merge learned earlier, so BPE applies it first.
-
-    Raises:
-        FileNotFoundError: no file at path.
-        ValueError: the file is not in this format.
-    """
-    ranks = {}
-    for n, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except (ValueError, binascii.Error) as e:
-            raise ValueError(f"{path} is not a tiktoken BPE file (line {n}: {line[:40]!r})") from e
-    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
-        raise ValueError(f"{path} is not a tiktoken BPE file (its ranks are not 0 .. n-1, or it lacks the 256 bytes)")
-    return ranks
-
-
-class Llama3Tokenizer:
-    """Llama 3's byte-level BPE (tiktoken), with the interface of `CharTokenizer`.
-
-    Text that spells a special token, such as "<|eot_id|>", is encoded as ordinary text, as
-    Meta's tokenizer does by default: a prompt cannot forge a turn of the chat format.
-    """
-
-    def __init__(self, model_path: str | Path):
-        ranks = load_bpe_ranks(Path(model_path))
-        self.special_tokens = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.model = tiktoken.Encoding(name=Path(model_path).name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks,
-                                       special_tokens=self.special_tokens)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.start_header_id = self.special_tokens["<|start_header_id|>"]
-        self.end_header_id = self.special_tokens["<|end_header_id|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]  # end of turn
-        self.eom_id = self.special_tokens["<|eom_id|>"]  # end of message (the model waits for a tool's answer)
-        self.stop_ids = {self.eos_id, self.eot_id, self.eom_id}
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.n_vocab
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Text to token ids, optionally wrapped in <|begin_of_text|> ... <|end_of_text|>."""
-        ids = self.model.encode(text, allowed_special=set(), disallowed_special=())
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, ids: list[int]) -> str:
-        """Token ids to text; special tokens come out as their names."""
-        return self.model.decode(ids)
-
-    def encode_chat(self, user_message: str) -> list[int]:
-        """One user turn in Llama 3's chat format, ending where the assistant's answer begins:
-
-        <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{message}<|eot_id|>
-        <|start_header_id|>assistant<|end_header_id|>\\n\\n
-        """
-        def header(role: str) -> list[int]:
-            return [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode("\n\n")]
-
-        return [self.bos_id, *header("user"), *self.encode(user_message.strip()), self.eot_id, *header("assistant")]
-
-
 def train_val_split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """First 90% for training, last 10% for validation (nanoGPT's split)."""
     n = int(train_fraction * len(ids))
@@ -317,47 +224,10 @@ def plot_figures(text: str, tokenizer: CharTokenizer, fig_dir: Path) -> list[Pat
     return [freq_path, ids_path]
 
 
-def packaged_llama3_tokenizer() -> Path | None:
-    """Meta's tokenizer.model as the llama-models package ships it (a test dependency), else None."""
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "llama3" / "tokenizer.model"
-    return path if path.is_file() else None
-
-
-def demo_llama3_tokenizer(text: str, path: Path | None) -> None:
-    """What Llama 3's BPE makes of the corpus, the special tokens, and one chat turn."""
-    if path is None:
-        print("Llama 3 tokenizer: not shown; pass --llama-tokenizer PATH/tokenizer.model "
-              "(see the README, or `pip install llama-models`, which ships one)")
-        return
-    try:
-        tokenizer = Llama3Tokenizer(path)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --llama-tokenizer: {e}")
-    sample = text[:20]
-    ids = tokenizer.encode(sample, bos=True)
-    print(f"Llama3Tokenizer ({path}): vocab_size {tokenizer.vocab_size:,}")
-    print(f"encode({sample!r}, bos=True) = {ids}")
-    print(f"  pieces: {[tokenizer.decode([i]) for i in ids]}")
-    n_tokens = len(tokenizer.encode(text))
-    print(f"corpus: {len(text):,} characters = {n_tokens:,} BPE tokens "
-          f"({len(text) / n_tokens:.2f} characters per token)")
-    shown = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-             "<|eot_id|>"]
-    print("special tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in shown))
-    chat = tokenizer.encode_chat("Who is Romeo?")
-    print(f"chat format of one user turn: {chat}\n  = {tokenizer.decode(chat)!r}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Chapter 1 demo: tokenizer, split and batches.")
     parser.add_argument("--data", default=None, help="UTF-8 text file (default: data/tinyshakespeare.txt)")
     parser.add_argument("--fig-dir", type=Path, default=Path("out/figures"), help="where figures go")
-    parser.add_argument("--llama-tokenizer", type=Path, default=None,
-                        help="Meta's tokenizer.model for the Llama 3 part (default: the copy in the llama-models "
-                             "package, if it is installed)")
     args = parser.parse_args()
     try:
         text = load_text(args.data)
@@ -382,7 +252,6 @@ def main() -> None:
     for path in plot_figures(text, tokenizer, args.fig_dir):
         print(f"figure: {path}")
     print("caption: the corpus is mostly lower-case letters and spaces; each character becomes one id.")
-    demo_llama3_tokenizer(text, args.llama_tokenizer or packaged_llama3_tokenizer())
 
 
 if __name__ == "__main__":

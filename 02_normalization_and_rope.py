@@ -29,14 +29,6 @@ between is blended smoothly (low_freq_factor 1, high_freq_factor 4). The factor 
 Llama 3.1, 3.3 and 3.2 11B/90B, and 32 for Llama 3.2 1B and 3B (their config.json says
 so; Meta's reference code hard-codes 8, which gives wrong logits for 1B and 3B).
 
-Hugging Face's layout. Its Llama rotates the first half of a head against the second
-half (`rotate_half`) instead of adjacent pairs. Its conversion script therefore permutes
-the rows of wq and wk inside each head: Meta's rows (0, 1), (2, 3), ... become rows
-(0, head_dim/2), (1, head_dim/2 + 1), ... Both models compute the same scores, but a
-loader that takes Hugging Face's wq and wk as they are, with Meta's pairing, rotates the
-wrong coordinates together: the logits are wrong, and nothing fails loudly. main.py
-undoes the permutation when it loads such a checkpoint.
-
 Needs: nothing from the other chapters.
 Run:   python 02_normalization_and_rope.py
 """

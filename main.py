@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from plumbing import cli
 from plumbing.runtime import (
@@ -106,7 +105,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         # Computed once, and a plain attribute as in Meta's code, not a buffer: `model.to(torch.bfloat16)`
         # would cast a buffer's complex rotations to real numbers, and RoPE would scale instead of rotate.
-        # Built on the CPU also when the weights are built on the meta device (load_llama); forward moves it.
+        # Built on the CPU also when the weights are built on the meta device (chapter 5); forward moves it.
         with torch.device("cpu"):
             self.freqs_cis = rope.precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len,
                                                        params.rope_theta, params.use_scaled_rope,
@@ -587,259 +586,15 @@ def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- Meta's checkpoints
-
-# params.json of Meta's original layout uses ModelArgs' names: these four it must give, the others
-# default as in Meta's ModelArgs (n_kv_heads None means one KV head per query head).
-META_REQUIRED = {"dim", "n_layers", "n_heads", "vocab_size"}
-META_DEFAULTS = {"n_kv_heads": None, "multiple_of": 256, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
-                 "rope_theta": 500000.0, "use_scaled_rope": False}
-# (dim, n_layers) of Llama 3.2 1B and 3B: their RoPE scaling factor is 32, not the 8 of Llama 3.1.
-LLAMA_32_SMALL_SHAPES = {(2048, 16), (3072, 28)}
-# Hugging Face's names of one layer's weights -> Meta's.
-HF_LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-}
-HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-            "lm_head.weight": "output.weight"}
-
-
-def hf_to_meta_name(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'; unknown names stay as they are."""
-    if name in HF_NAMES:
-        return HF_NAMES[name]
-    parts = name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] == "weight":
-        layer_name = ".".join(parts[3:-1])
-        if layer_name in HF_LAYER_NAMES:
-            return f"layers.{parts[2]}.{HF_LAYER_NAMES[layer_name]}.weight"
-    return name
-
-
-def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo Hugging Face's row order in wq or wk (chapter 2): within each head, its rows
-    (i, head_dim/2 + i) become Meta's adjacent rows (2i, 2i + 1), the pair that RoPE rotates together.
-
-    (n_heads * head_dim, dim) -> (n_heads * head_dim, dim)
-    """
-    rows, dim = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return data
-
-
-def check_llama_args(model_args: ModelArgs, source: Path) -> ModelArgs:
-    """The sizes must be positive integers (Attention checks that the heads fit); returns model_args."""
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-        value = getattr(model_args, field)
-        if not (isinstance(value, int) and value > 0) and not (field == "n_kv_heads" and value is None):
-            raise ValueError(f"{source}: {field} must be a positive integer, got {value!r}")
-    return model_args
-
-
-def meta_rope_scaling_factor(model_args: ModelArgs) -> float:
-    """params.json does not carry the RoPE scaling factor: 32 for the shapes of Llama 3.2 1B and 3B,
-    8 otherwise (Llama 3.1; Meta's reference code hard-codes 8 for all)."""
-    return 32.0 if (model_args.dim, model_args.n_layers) in LLAMA_32_SMALL_SHAPES else 8.0
-
-
-def read_meta_checkpoint(path: Path, log) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """params.json and consolidated.00.pth (memory-mapped: the tensors are read from disk when used)."""
-    params = read_json(path / "params.json")
-    unknown = sorted(params.keys() - META_REQUIRED - META_DEFAULTS.keys())
-    missing = sorted(META_REQUIRED - params.keys())
-    if unknown or missing:
-        raise ValueError(f"{path / 'params.json'}: " + "; ".join(
-            f"{what} {', '.join(keys)}" for what, keys in (("unknown keys", unknown), ("lacks", missing)) if keys))
-    model_args = check_llama_args(ModelArgs(**{**META_DEFAULTS, **params}), path / "params.json")
-    if model_args.use_scaled_rope:
-        model_args = replace(model_args, rope_scaling_factor=meta_rope_scaling_factor(model_args))
-        log(f"RoPE scaling factor {model_args.rope_scaling_factor:g} (params.json does not say; "
-            f"{'the shape of Llama 3.2 1B or 3B' if model_args.rope_scaling_factor == 32 else 'as Llama 3.1'})")
-    shards = sorted(path.glob("consolidated.*.pth"))
-    if len(shards) > 1:
-        raise ValueError(f"{path} holds a checkpoint split over {len(shards)} files (one per GPU of model "
-                         f"parallelism), which this loader does not join; download the Hugging Face layout "
-                         f"(config.json and model*.safetensors) of the same model instead")
-    if not shards:
-        raise FileNotFoundError(f"{path} has params.json but no consolidated.00.pth")
-    log(f"mapping {shards[0]} ({shards[0].stat().st_size / 1e9:.2f} GB)")
-    try:  # weights_only: tensors and plain data only, so a malicious file cannot run code
-        state_dict = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a bad file; all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{shards[0]} is not a readable weights-only PyTorch checkpoint ({reason})") from e
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{shards[0]} does not hold a state dict")
-    return model_args, state_dict
-
-
-def read_hf_checkpoint(path: Path, log) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """config.json and model.safetensors (or the shards that model.safetensors.index.json lists),
-    with the tensors renamed to Meta's names; wq and wk still in Hugging Face's row order."""
-    from safetensors import SafetensorError, safe_open
-
-    config = read_json(path / "config.json")
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'llama'")
-    missing = sorted({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "vocab_size", "rms_norm_eps"} - config.keys())
-    if missing:
-        raise ValueError(f"{path / 'config.json'} lacks {', '.join(missing)}")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if not all(isinstance(config[k], int) and config[k] > 0 for k in ("hidden_size", "num_attention_heads",
-                                                                       "intermediate_size")):
-        raise ValueError(f"{path / 'config.json'}: hidden_size, num_attention_heads and intermediate_size "
-                         f"must be positive integers")
-    unsupported = {"hidden_act": config.get("hidden_act", "silu") != "silu",
-                   "attention_bias": bool(config.get("attention_bias")), "mlp_bias": bool(config.get("mlp_bias")),
-                   "head_dim": config.get("head_dim", dim // n_heads) * n_heads != dim}
-    if any(unsupported.values()):
-        raise ValueError(f"{path / 'config.json'}: this Llama differs from Meta's architecture in "
-                         f"{', '.join(k for k, v in unsupported.items() if v)}")
-    rope_config = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope_config.get("rope_type", rope_config.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{path / 'config.json'}: RoPE type {rope_type!r} is not Llama 3's ('llama3' or 'default')")
-    if rope_type == "llama3":
-        metas = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        differ = [k for k, v in metas.items() if rope_config.get(k, v) != v]
-        if differ:
-            raise ValueError(f"{path / 'config.json'}: RoPE scaling {', '.join(differ)} differ from Llama 3.1's")
-    # config.json gives the FFN hidden size itself. With multiple_of equal to it, Meta's rule lands on it
-    # from any smaller start (chapter 4); ffn_dim_multiplier scales the start down when it is larger.
-    hidden, start = config["intermediate_size"], int(2 * 4 * dim / 3)
-    model_args = check_llama_args(ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        multiple_of=hidden, ffn_dim_multiplier=None if start <= hidden else hidden / start,
-        norm_eps=config["rms_norm_eps"], rope_theta=rope_config.get("rope_theta", config.get("rope_theta", 10000.0)),
-        use_scaled_rope=rope_type == "llama3", rope_scaling_factor=rope_config.get("factor", 8.0),
-    ), path / "config.json")
-    if model_args.use_scaled_rope:
-        log(f"RoPE scaling factor {model_args.rope_scaling_factor:g} (config.json)")
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has config.json but neither model.safetensors "
-                                f"nor model.safetensors.index.json")
-    state_dict = {}
-    for file in files:
-        log(f"mapping {path / file}")
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                for name in f.keys():
-                    state_dict[hf_to_meta_name(name)] = f.get_tensor(name)
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"{path / file} is not a readable safetensors file ({e})") from e
-    return model_args, state_dict
-
-
-def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | None = None, device: str = "cpu",
-               log: Callable[[str], None] = print) -> tuple[Transformer, inputs.Llama3Tokenizer]:
-    """Meta's Llama 3 in our `Transformer`, from a directory in Meta's layout or Hugging Face's.
-
-    The weights are loaded once: the model is built on the meta device (shapes, no memory), then
-    `load_state_dict(assign=True)` makes the checkpoint's own tensors its parameters.
-
-    Args:
-        path: Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or Hugging Face's
-            (config.json, model.safetensors or its shards; tokenizer.model here or in original/).
-        max_seq_len: the context, which sizes the KV cache (not the model's 131,072 tokens).
-        dtype: the weights' dtype; None keeps the checkpoint's.
-        log: called with one line per loading step.
-    Returns:
-        the model in eval mode on `device`, and its tokenizer.
-    Raises:
-        FileNotFoundError, ValueError: with a message that names the file and what is wrong.
-    """
-    t0 = time.perf_counter()
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory")
-    tokenizer_path = next((p for p in (path / "tokenizer.model", path / "original" / "tokenizer.model")
-                           if p.is_file()), None)
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"{path} has no tokenizer.model (nor original/tokenizer.model)")
-    tokenizer = inputs.Llama3Tokenizer(tokenizer_path)
-    meta_layout = (path / "params.json").is_file()
-    if meta_layout:
-        model_args, state_dict = read_meta_checkpoint(path, log)
-    elif (path / "config.json").is_file():
-        model_args, state_dict = read_hf_checkpoint(path, log)
-    else:
-        raise FileNotFoundError(f"{path} has neither params.json (Meta's layout) nor config.json (Hugging Face's)")
-    if model_args.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{path}: the model's vocab_size {model_args.vocab_size} is not its tokenizer's "
-                         f"{tokenizer.vocab_size}")
-    model_args = replace(model_args, max_seq_len=max_seq_len, max_batch_size=1)
-    tied = "output.weight" not in state_dict  # Llama 3.2 1B and 3B: the output matrix is the embedding
-
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no initialization
-            model = Transformer(model_args)
-    except ValueError as e:  # the heads do not fit the width
-        raise ValueError(f"{path}: {e}") from e
-    expected = {name: t for name, t in model.state_dict().items() if not (tied and name == "output.weight")}
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{path}: the weights do not fit its {'params' if meta_layout else 'config'}.json: "
-                         + "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{path}: {name} has shape {shape}, but its {'params' if meta_layout else 'config'}.json "
-                             f"needs {tuple(expected[name].shape)}")
-
-    dtype = dtype or state_dict["tok_embeddings.weight"].dtype
-    for name in tqdm(list(state_dict), desc="loading weights", file=sys.stderr, leave=False):
-        tensor = state_dict[name]
-        if not meta_layout and name.endswith("attention.wq.weight"):
-            tensor = unpermute_hf(tensor, model_args.n_heads)
-        elif not meta_layout and name.endswith("attention.wk.weight"):
-            tensor = unpermute_hf(tensor, model_args.n_kv_heads or model_args.n_heads)
-        state_dict[name] = tensor.to(dtype)
-    if tied:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if tied:
-        model.output.weight = model.tok_embeddings.weight  # one Parameter, so .to(device) keeps it shared
-    model = model.to(device).eval()
-    n_params = sum(p.numel() for p in model.parameters())  # a shared Parameter counts once
-    log(f"loaded {n_params:,} parameters{' (output tied to the embedding)' if tied else ''}: "
-        f"{n_params * dtype.itemsize / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')}, "
-        f"on {device}, in {time.perf_counter() - t0:.1f} s")
-    return model, tokenizer
-
-
 # ----------------------------------------------------------------------------- command line
 
 DEFAULT_PROMPT = "ROMEO:"
-LLAMA_SEQ_LEN = 2048  # --llama-dir's default context: the KV cache holds this many tokens
 ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of main.py (written out in plumbing/cli.py), with each preset's defaults in --help."""
-    return cli.build_parser(PRESETS, DEFAULT_PROMPT, LLAMA_SEQ_LEN)
+    return cli.build_parser(PRESETS, DEFAULT_PROMPT)
 
 
 def resolve_configs(args: argparse.Namespace, checkpoint: dict | None) -> tuple[ModelArgs, TrainConfig]:
@@ -1044,46 +799,13 @@ def sample_only(args: argparse.Namespace) -> None:
         print(f"figure: {path}\ncaption: each row shows which earlier characters one character attends to.")
 
 
-def sample_llama(args: argparse.Namespace) -> None:
-    """--sample --llama-dir DIR: Meta's Llama 3 continues --prompt, and the text appears as it comes."""
-    ignored = [flag for flag, given in (("--data", args.data), ("--resume", args.resume), ("--compile", args.compile),
-                                        ("--plot-attention", args.plot_attention)) if given]
-    ignored += [f"--{flag.replace('_', '-')}" for flag in cli.MODEL_FLAGS if flag != "seq_len" and getattr(args, flag)]
-    if ignored:
-        raise ValueError(f"{', '.join(ignored)} cannot go with --llama-dir: the model comes from its directory")
-    device = pick_device(args.device)
-    model, tokenizer = load_llama(args.llama_dir, args.seq_len or LLAMA_SEQ_LEN,
-                                  getattr(torch, args.dtype) if args.dtype else None, device,
-                                  log=lambda line: print(line, file=sys.stderr))
-    tokens = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt, bos=True)
-    new_tokens = generate_tokens(model, tokens, args.max_new_tokens, tokenizer.stop_ids, args.temperature,
-                                 args.top_p, torch.Generator().manual_seed(args.seed or 0))
-    print(args.prompt, end="", flush=True)
-    t0 = time.perf_counter()
-    ids, shown = [], ""
-    for token in new_tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # a character split over two tokens waits for its second half
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-    print(tokenizer.decode(ids)[len(shown) :])
-    seconds = time.perf_counter() - t0
-    print(f"{len(tokens)} prompt tokens, {len(ids)} new tokens in {seconds:.1f} s "
-          f"({len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
         if args.plot_attention and not args.sample:
             raise ValueError("--plot-attention draws a trained model: use it with --sample, after training")
-        if args.llama_dir is not None or args.chat:
-            if not (args.sample and args.llama_dir is not None):
-                raise ValueError("--llama-dir needs --sample, and --chat needs --llama-dir")
-            sample_llama(args)
-        elif args.sample:
+        if args.sample:
             sample_only(args)
         else:
             train(args, t_start)

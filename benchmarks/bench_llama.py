@@ -5,7 +5,7 @@ have exactly Llama 3.2 1B's names, shapes and dtype (bfloat16; 1,235,814,400 par
 output.weight, since the output is tied to the embedding), then, in a fresh Python process, so that
 the peak memory is the loader's alone:
 
-    load       main.load_llama: its time. The weights are memory-mapped, so they are read from disk
+    load       load_llama (chapter 5): its time. The weights are memory-mapped, so they are read from disk
                as the first token uses them.
     memory     the peak resident memory (RSS) after decoding, when every weight has been read,
                against the weights' size: loading must not hold them twice, so the ratio stays close to 1.
@@ -24,6 +24,7 @@ The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -36,6 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import main  # noqa: E402
+from plumbing.validators import positive_int  # noqa: E402
+
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 
 # params.json of Llama 3.2 1B, and a tiny model with the same vocabulary for a smoke test.
 SHAPES = {
@@ -73,7 +77,7 @@ def measure(path: Path, new_tokens: int, dtype: str | None) -> dict:
     """Load and decode in this process; called in a fresh one."""
     rss_before = peak_rss()  # torch and main imported
     t0 = time.perf_counter()
-    model, tokenizer = main.load_llama(path, max_seq_len=256, dtype=getattr(torch, dtype) if dtype else None,
+    model, tokenizer = llama.load_llama(path, max_seq_len=256, dtype=getattr(torch, dtype) if dtype else None,
                                        device="cpu", log=lambda line: None)
     load_s = time.perf_counter() - t0
     rss_after_load = peak_rss()  # small with mmap: pages are read from disk when first used
@@ -100,7 +104,7 @@ def measure(path: Path, new_tokens: int, dtype: str | None) -> dict:
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama 3.2 1B (default); tiny: smoke")
-    parser.add_argument("--new-tokens", type=main.positive_int, default=16,
+    parser.add_argument("--new-tokens", type=positive_int, default=16,
                         help="greedy tokens to decode (default: %(default)s)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="the weights' dtype after loading (default: the checkpoint's, bfloat16)")
@@ -111,7 +115,7 @@ def main_cli() -> None:
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.new_tokens, args.dtype)))
         return
-    tokenizer = args.tokenizer or main.inputs.packaged_llama3_tokenizer()
+    tokenizer = args.tokenizer or llama.packaged_llama3_tokenizer()
     if tokenizer is None or not tokenizer.is_file():
         sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
     with tempfile.TemporaryDirectory() as tmp:

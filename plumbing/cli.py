@@ -25,7 +25,7 @@ TRAIN_FLAGS = ("batch_size", "max_iters", "learning_rate", "min_lr", "warmup_ite
                "eval_interval", "eval_iters", "seed", "optimizer", "muon_lr", "schedule", "cooldown_frac")
 
 
-def build_parser(presets: dict, default_prompt: str, llama_seq_len: int) -> argparse.ArgumentParser:
+def build_parser(presets: dict, default_prompt: str) -> argparse.ArgumentParser:
     """main.py's flags. presets: {name: (ModelArgs, TrainConfig)}, whose values --help shows as defaults."""
 
     def preset_defaults(field: str) -> str:
@@ -116,15 +116,6 @@ def build_parser(presets: dict, default_prompt: str, llama_seq_len: int) -> argp
     g.add_argument("--plot-attention", action="store_true",
                    help="with --sample: also draw the model's attention to out-dir/figures/main_attention.png")
 
-    lm = p.add_argument_group("Meta's Llama 3 (see the README: Run the real Llama 3.2 1B)")
-    lm.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
-                    help="with --sample: generate with the Llama 3 checkpoint in DIR, Meta's layout (params.json, "
-                         "consolidated.00.pth) or Hugging Face's (config.json, model*.safetensors), plus "
-                         "tokenizer.model. The prompt follows <|begin_of_text|>; --seq-len sets the context "
-                         f"(default {llama_seq_len}), --dtype the weights' dtype (default: the checkpoint's), "
-                         "--max-new-tokens counts BPE tokens")
-    lm.add_argument("--chat", action="store_true",
-                    help="with --llama-dir: send --prompt as one user turn in Llama 3's chat format (Instruct models)")
     return p
 
 

@@ -1,13 +1,12 @@
-"""main.load_llama and --llama-dir: Meta's and Hugging Face's checkpoint layouts against transformers.
+"""Chapter 5: Llama3Tokenizer against Meta's, and load_llama and the command line against transformers.
 
-Every checkpoint here is tiny and random, written by the tests: transformers' LlamaForCausalLM is the
-reference for the logits and for greedy text. A Meta-layout checkpoint is made the way Meta's weights
-relate to Hugging Face's: the same tensors under Meta's names, with wq and wk in Meta's row order.
+Every checkpoint here is tiny and random, written by the tests (llama_checkpoints.py): transformers'
+LlamaForCausalLM is the reference for the logits and for greedy text.
 """
 
 from __future__ import annotations
 
-import base64
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -15,84 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from llama_checkpoints import (
+    hf_config,
+    hf_reference,
+    permute_meta_to_hf,
+    write_byte_tokenizer,
+    write_hf_layout,
+    write_meta_layout,
+)
+from transformers import LlamaForCausalLM
 
 import main
 
-inputs = main.inputs
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 SEQLEN = 64
 SILENT = lambda line: None  # noqa: E731 (load_llama's log)
-
-
-def write_byte_tokenizer(path: Path) -> None:
-    """A tokenizer.model with the 256 single bytes only: vocab_size 256 + 256 special tokens = 512."""
-    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-
-
-def hf_config(vocab_size: int = 512, n_heads: int = 4, n_kv_heads: int = 2, factor: float | None = 32.0,
-              tied: bool = True, **overrides) -> LlamaConfig:
-    """A tiny Llama 3 in transformers' terms: dim 64, 2 layers, rope_theta 500000, `factor` None for no scaling."""
-    rope = {"rope_type": "default", "rope_theta": 500000.0}
-    if factor is not None:
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                    num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
-                    max_position_embeddings=131072, rope_parameters=rope, tie_word_embeddings=tied,
-                    initializer_range=0.15, bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
-    settings.update(overrides)
-    return LlamaConfig(**settings)
-
-
-def hf_reference(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Hugging Face's conversion of Meta's wq or wk: within each head, adjacent row pairs (2i, 2i+1)
-    become rows (i, head_dim/2 + i)."""
-    rows, dim = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    """The reference's weights under Meta's names, wq and wk in Meta's order (undoing the permutation
-    by its index: this does not use main.unpermute_hf)."""
-    config = model.config
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        meta_name = main.hf_to_meta_name(name)
-        if meta_name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            heads = config.num_attention_heads if "wq" in meta_name else config.num_key_value_heads
-            order = permute_meta_to_hf(torch.arange(tensor.shape[0]).view(-1, 1), heads).view(-1)
-            tensor = tensor[torch.argsort(order)]
-        out[meta_name] = tensor.clone().contiguous()
-    return out
-
-
-def write_meta_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path) -> Path:
-    config = model.config
-    path.mkdir(parents=True)
-    params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": config.num_attention_heads,
-              "n_kv_heads": config.num_key_value_heads, "vocab_size": config.vocab_size, "multiple_of": 16,
-              "ffn_dim_multiplier": None, "norm_eps": config.rms_norm_eps, "rope_theta": 500000.0,
-              "use_scaled_rope": config.rope_parameters["rope_type"] == "llama3"}
-    assert main.blocks.ffn_hidden_dim(4 * config.hidden_size, 16, None) == config.intermediate_size
-    (path / "params.json").write_text(json.dumps(params))
-    torch.save(meta_state_dict(model), path / "consolidated.00.pth")
-    shutil.copy(tokenizer, path / "tokenizer.model")
-    return path
-
-
-def write_hf_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path, sharded: bool = False,
-                    tokenizer_in_original: bool = False) -> Path:
-    model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
-    (path / "original").mkdir()
-    shutil.copy(tokenizer, path / ("original" if tokenizer_in_original else ".") / "tokenizer.model")
-    return path
 
 
 def random_tokens(vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -130,6 +66,72 @@ def checkpoints(tmp_path_factory, byte_tokenizer) -> dict[str, tuple[Path, Llama
     return out
 
 
+# ----------------------------------------------------------------------------- Llama 3's tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer() -> llama.Llama3Tokenizer:
+    """Meta's real tokenizer.model, as the llama-models package ships it (requirements-test.txt)."""
+    path = llama.packaged_llama3_tokenizer()
+    assert path is not None, "install requirements-test.txt: llama-models ships Meta's tokenizer.model"
+    return llama.Llama3Tokenizer(path)
+
+
+def test_llama3_encode_matches_metas_ids(llama3_tokenizer):
+    ids = llama3_tokenizer.encode("This is a test sentence.", bos=True, eos=True)
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert llama3_tokenizer.decode(ids) == "<|begin_of_text|>This is a test sentence.<|end_of_text|>"
+    assert llama3_tokenizer.vocab_size == 128256
+
+
+def test_llama3_decode_round_trips_any_text(llama3_tokenizer):
+    text = "ROMEO:\n  But soft! 1234567 naïve — 東京 🙂\t\r\n end"
+    assert llama3_tokenizer.decode(llama3_tokenizer.encode(text)) == text
+
+
+def test_llama3_special_tokens_are_numbered_as_metas(llama3_tokenizer):
+    tok = llama3_tokenizer
+    named = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+             "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009,
+             "<|python_tag|>": 128010, "<|image|>": 128011, "<|reserved_special_token_2|>": 128012,
+             "<|reserved_special_token_245|>": 128255}
+    assert {name: tok.special_tokens[name] for name in named} == named
+    assert len(tok.special_tokens) == 256
+    assert (tok.bos_id, tok.eos_id) == (128000, 128001)
+    assert tok.stop_ids == {128001, 128008, 128009}
+
+
+def test_llama3_special_tokens_equal_those_of_metas_tokenizer(llama3_tokenizer):
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    metas = Tokenizer(llama.packaged_llama3_tokenizer())
+    assert llama3_tokenizer.special_tokens == metas.special_tokens
+    text = "Meta's tokenizer and ours: 12345 tokens, naïve   spaces\n\n\tand <|eot_id|> as text."
+    assert llama3_tokenizer.encode(text, bos=True) == metas.encode(text, bos=True, eos=False)
+
+
+def test_llama3_chat_turn_matches_metas_ids(llama3_tokenizer):
+    """The ids of Meta's own tests (llama-models, llama3/tests/api/test_tokenizer.py): one user message,
+    then the assistant header that a dialog prompt ends with."""
+    user_turn = [128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009]
+    assistant_header = [128006, 78191, 128007, 271]
+    assert llama3_tokenizer.encode_chat("This is a test sentence.") == [128000, *user_turn, *assistant_header]
+
+
+def test_llama3_special_token_names_in_text_are_ordinary_text(llama3_tokenizer):
+    """A prompt cannot forge a chat turn: "<|eot_id|>" typed as text is not the token 128009."""
+    ids = llama3_tokenizer.encode("hi<|eot_id|>")
+    assert all(i < 128000 for i in ids)
+    assert llama3_tokenizer.decode(ids) == "hi<|eot_id|>"
+
+
+def test_llama3_tokenizer_refuses_a_file_that_is_not_bpe_ranks(tmp_path):
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text('{"not": "a tiktoken file"}\n')
+    with pytest.raises(ValueError, match="not a tiktoken BPE file"):
+        llama.Llama3Tokenizer(bad)
+
+
 # ----------------------------------------------------------------------------- logits against transformers
 
 
@@ -137,7 +139,7 @@ def checkpoints(tmp_path_factory, byte_tokenizer) -> dict[str, tuple[Path, Llama
 def test_logits_equal_transformers(checkpoints, case):
     path, reference = checkpoints[case]
     tokens = random_tokens(reference.config.vocab_size)
-    model, tokenizer = main.load_llama(path, max_seq_len=SEQLEN, dtype=torch.float32, log=SILENT)
+    model, tokenizer = llama.load_llama(path, max_seq_len=SEQLEN, dtype=torch.float32, log=SILENT)
     assert tokenizer.vocab_size == model.params.vocab_size == 512
     with torch.no_grad():
         expected = reference(tokens).logits
@@ -149,7 +151,7 @@ def test_the_tiny_checkpoints_tell_the_rope_variants_apart(checkpoints):
     """The equality above means something: a wrong RoPE factor, or no unpermuting, moves the logits by far more."""
     path, reference = checkpoints["hf_factor32_tied_gqa"]
     tokens = random_tokens(512)
-    model, _ = main.load_llama(path, max_seq_len=SEQLEN, log=SILENT)
+    model, _ = llama.load_llama(path, max_seq_len=SEQLEN, log=SILENT)
     with torch.no_grad():
         expected = reference(tokens).logits
         model.freqs_cis = main.rope.precompute_freqs_cis(16, SEQLEN, 500000.0, True, scale_factor=8.0)
@@ -165,7 +167,7 @@ def test_the_tiny_checkpoints_tell_the_rope_variants_apart(checkpoints):
 def test_tied_checkpoints_share_one_matrix_and_untied_ones_do_not(checkpoints):
     for case, tied in [("hf_factor32_tied_gqa", True), ("meta_unscaled_tied", True),
                        ("meta_scaled_untied_gqa", False), ("hf_factor8_untied_sharded", False)]:
-        model, _ = main.load_llama(checkpoints[case][0], max_seq_len=SEQLEN, log=SILENT)
+        model, _ = llama.load_llama(checkpoints[case][0], max_seq_len=SEQLEN, log=SILENT)
         assert (model.output.weight is model.tok_embeddings.weight) == tied, case
 
 
@@ -173,7 +175,7 @@ def test_rope_scaling_settings_come_from_the_checkpoint(checkpoints):
     expected = {"hf_factor32_tied_gqa": (True, 32.0), "hf_factor8_untied_sharded": (True, 8.0),
                 "meta_scaled_untied_gqa": (True, 8.0), "meta_unscaled_tied": (False, 8.0)}
     for case, (scaled, factor) in expected.items():
-        model, _ = main.load_llama(checkpoints[case][0], max_seq_len=SEQLEN, log=SILENT)
+        model, _ = llama.load_llama(checkpoints[case][0], max_seq_len=SEQLEN, log=SILENT)
         assert (model.params.use_scaled_rope, model.params.rope_scaling_factor) == (scaled, factor), case
 
 
@@ -187,7 +189,7 @@ def test_legacy_rope_scaling_config_loads_the_same(checkpoints, tmp_path):
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = rope
     (legacy / "config.json").write_text(json.dumps(config))
-    model, _ = main.load_llama(legacy, max_seq_len=SEQLEN, dtype=torch.float32, log=SILENT)
+    model, _ = llama.load_llama(legacy, max_seq_len=SEQLEN, dtype=torch.float32, log=SILENT)
     tokens = random_tokens(512)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens)[0], reference(tokens).logits, atol=1e-4, rtol=0)
@@ -197,14 +199,14 @@ def test_meta_rope_factor_is_32_for_the_llama_32_small_shapes_only():
     """params.json does not carry the factor: the loader infers it from (dim, n_layers)."""
     shapes = {(2048, 16): 32.0, (3072, 28): 32.0, (4096, 32): 8.0, (8192, 80): 8.0, (2048, 28): 8.0, (64, 2): 8.0}
     for (dim, n_layers), factor in shapes.items():
-        assert main.meta_rope_scaling_factor(main.ModelArgs(dim=dim, n_layers=n_layers)) == factor
+        assert llama.meta_rope_scaling_factor(main.ModelArgs(dim=dim, n_layers=n_layers)) == factor
 
 
 def test_bfloat16_logits_stay_close_to_float32(checkpoints):
     path, _ = checkpoints["meta_scaled_untied_gqa"]
     tokens = random_tokens(512)
-    fp32, _ = main.load_llama(path, max_seq_len=SEQLEN, dtype=torch.float32, log=SILENT)
-    bf16, _ = main.load_llama(path, max_seq_len=SEQLEN, dtype=torch.bfloat16, log=SILENT)
+    fp32, _ = llama.load_llama(path, max_seq_len=SEQLEN, dtype=torch.float32, log=SILENT)
+    bf16, _ = llama.load_llama(path, max_seq_len=SEQLEN, dtype=torch.bfloat16, log=SILENT)
     assert bf16.tok_embeddings.weight.dtype == torch.bfloat16 and bf16.freqs_cis.dtype == torch.complex64
     with torch.no_grad():
         a, b = fp32(tokens)[0], bf16(tokens)[0]
@@ -215,16 +217,16 @@ def test_bfloat16_logits_stay_close_to_float32(checkpoints):
 def test_hf_permutation_round_trips():
     w = torch.randn(4 * 16, 64)
     for n_heads in (1, 4):
-        torch.testing.assert_close(main.unpermute_hf(permute_meta_to_hf(w, n_heads), n_heads), w, rtol=0, atol=0)
-        torch.testing.assert_close(permute_meta_to_hf(main.unpermute_hf(w, n_heads), n_heads), w, rtol=0, atol=0)
-    assert not torch.equal(main.unpermute_hf(w, 4), w)
+        torch.testing.assert_close(llama.unpermute_hf(permute_meta_to_hf(w, n_heads), n_heads), w, rtol=0, atol=0)
+        torch.testing.assert_close(permute_meta_to_hf(llama.unpermute_hf(w, n_heads), n_heads), w, rtol=0, atol=0)
+    assert not torch.equal(llama.unpermute_hf(w, 4), w)
 
 
 def test_loading_holds_the_checkpoints_tensors_not_copies(checkpoints):
     """assign=True: the mmap-ed tensors become the parameters (a norm gain is never permuted or cast)."""
     path, _ = checkpoints["meta_scaled_untied_gqa"]
     stored = torch.load(path / "consolidated.00.pth", mmap=True, weights_only=True)
-    model, _ = main.load_llama(path, max_seq_len=SEQLEN, log=SILENT)
+    model, _ = llama.load_llama(path, max_seq_len=SEQLEN, log=SILENT)
     assert model.norm.weight.dtype == stored["norm.weight"].dtype
     assert torch.equal(model.norm.weight, stored["norm.weight"])
     assert model.layers[0].feed_forward.w1.weight.device.type == "cpu"
@@ -236,7 +238,7 @@ def test_loading_holds_the_checkpoints_tensors_not_copies(checkpoints):
 
 @pytest.fixture(scope="module")
 def real_tokenizer() -> Path:
-    path = inputs.packaged_llama3_tokenizer()
+    path = llama.packaged_llama3_tokenizer()
     assert path is not None, "install requirements-test.txt: llama-models ships Meta's tokenizer.model"
     return path
 
@@ -255,10 +257,10 @@ def real_vocab_checkpoints(tmp_path_factory, real_tokenizer) -> dict[str, tuple[
 def test_cli_greedy_text_equals_transformers_greedy_decoding(real_vocab_checkpoints, real_tokenizer, layout, capsys):
     path, reference = real_vocab_checkpoints[layout]
     prompt, n_new = "ROMEO: But soft, what light", 12
-    main.main(["--sample", "--llama-dir", str(path), "--prompt", prompt, "--temperature", "0",
+    llama.main(["--llama-dir", str(path), "--prompt", prompt, "--temperature", "0",
                "--max-new-tokens", str(n_new), "--dtype", "float32", "--seq-len", "64"])
     out = capsys.readouterr()
-    tokenizer = inputs.Llama3Tokenizer(real_tokenizer)
+    tokenizer = llama.Llama3Tokenizer(real_tokenizer)
     prompt_ids = tokenizer.encode(prompt, bos=True)
     with torch.no_grad():
         generated = reference.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n_new,
@@ -272,18 +274,18 @@ def test_cli_greedy_text_equals_transformers_greedy_decoding(real_vocab_checkpoi
 
 def test_cli_chat_wraps_the_prompt_in_one_user_turn(real_vocab_checkpoints, real_tokenizer, capsys, monkeypatch):
     seen = []
-    real = main.generate_tokens
-    monkeypatch.setattr(main, "generate_tokens", lambda model, tokens, *a, **k: seen.append(tokens) or real(
+    real = llama.generate_tokens
+    monkeypatch.setattr(llama, "generate_tokens", lambda model, tokens, *a, **k: seen.append(tokens) or real(
         model, tokens, *a, **k))
-    main.main(["--sample", "--llama-dir", str(real_vocab_checkpoints["hf"][0]), "--chat", "--prompt",
+    llama.main(["--llama-dir", str(real_vocab_checkpoints["hf"][0]), "--chat", "--prompt",
                "This is a test sentence.", "--max-new-tokens", "2", "--seq-len", "32"])
-    assert seen == [inputs.Llama3Tokenizer(real_tokenizer).encode_chat("This is a test sentence.")]
+    assert seen == [llama.Llama3Tokenizer(real_tokenizer).encode_chat("This is a test sentence.")]
     assert capsys.readouterr().out.startswith("This is a test sentence.")
 
 
 @pytest.mark.parametrize("stop", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
 def test_cli_stops_at_a_stop_token(real_vocab_checkpoints, capsys, monkeypatch, stop):
-    load_llama = main.load_llama
+    load_llama = llama.load_llama
 
     def load_a_model_that_always_says_stop(*args, **kwargs):
         model, tokenizer = load_llama(*args, **kwargs)
@@ -295,19 +297,19 @@ def test_cli_stops_at_a_stop_token(real_vocab_checkpoints, capsys, monkeypatch, 
             model.output.bias[tokenizer.encode("x")[0]] = 49.0  # what comes next if the stop is missed
         return model, tokenizer
 
-    monkeypatch.setattr(main, "load_llama", load_a_model_that_always_says_stop)
-    main.main(["--sample", "--llama-dir", str(real_vocab_checkpoints["meta"][0]), "--prompt", "Hello",
+    monkeypatch.setattr(llama, "load_llama", load_a_model_that_always_says_stop)
+    llama.main(["--llama-dir", str(real_vocab_checkpoints["meta"][0]), "--prompt", "Hello",
                "--temperature", "0", "--max-new-tokens", "5", "--seq-len", "16"])
     assert capsys.readouterr().out == "Hello\n"
 
 
 def test_cli_streams_a_character_split_over_two_tokens_whole(real_vocab_checkpoints, capsys, monkeypatch):
     """"🙂" is two tokens; the first alone decodes to a replacement character, which must not be printed."""
-    tokenizer = inputs.Llama3Tokenizer(inputs.packaged_llama3_tokenizer())
+    tokenizer = llama.Llama3Tokenizer(llama.packaged_llama3_tokenizer())
     ids = tokenizer.encode("a🙂b")
     assert tokenizer.decode(ids[:2]).endswith("\ufffd")
-    monkeypatch.setattr(main, "generate_tokens", lambda *args, **kwargs: iter(ids))
-    main.main(["--sample", "--llama-dir", str(real_vocab_checkpoints["meta"][0]), "--prompt", "Hello",
+    monkeypatch.setattr(llama, "generate_tokens", lambda *args, **kwargs: iter(ids))
+    llama.main(["--llama-dir", str(real_vocab_checkpoints["meta"][0]), "--prompt", "Hello",
                "--seq-len", "16"])
     assert capsys.readouterr().out == "Helloa🙂b\n"
 
@@ -318,7 +320,7 @@ def test_cli_streams_a_character_split_over_two_tokens_whole(real_vocab_checkpoi
 def bad_dir_error(path: Path, capsys) -> str:
     """Run the CLI on `path` and return its one error line."""
     with pytest.raises(SystemExit) as exit_info:
-        main.main(["--sample", "--llama-dir", str(path), "--max-new-tokens", "1"])
+        llama.main(["--llama-dir", str(path), "--max-new-tokens", "1"])
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     assert "Traceback" not in capsys.readouterr().err
@@ -400,15 +402,3 @@ def test_a_truncated_safetensors_file_is_an_error(checkpoints, tmp_path, capsys)
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert "not a readable safetensors file" in bad_dir_error(path, capsys)
-
-
-def test_llama_flags_that_do_not_fit_are_refused(checkpoints, capsys):
-    path = str(checkpoints["hf_factor32_tied_gqa"][0])
-    for argv, expected in [(["--llama-dir", path], "--llama-dir needs --sample"),
-                           (["--sample", "--chat"], "--chat needs --llama-dir"),
-                           (["--sample", "--llama-dir", path, "--dim", "32"], "--dim cannot go with --llama-dir"),
-                           (["--sample", "--llama-dir", path, "--plot-attention"], "--plot-attention cannot go")]:
-        with pytest.raises(SystemExit) as exit_info:
-            main.main(argv)
-        assert expected in str(exit_info.value.code)
-

@@ -1,0 +1,90 @@
+"""Tiny random Llama 3 checkpoints in Meta's and Hugging Face's layouts, for the tests of chapters 5 and 6.
+
+transformers' LlamaForCausalLM is the reference: its weights are written as Hugging Face writes them, or under
+Meta's names with wq and wk in Meta's row order (the way Meta's weights relate to Hugging Face's).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+blocks = importlib.import_module("04_feedforward_and_transformer_block")
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A tokenizer.model with the 256 single bytes only: vocab_size 256 + 256 special tokens = 512."""
+    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+
+
+def hf_config(vocab_size: int = 512, n_heads: int = 4, n_kv_heads: int = 2, factor: float | None = 32.0,
+              tied: bool = True, **overrides) -> LlamaConfig:
+    """A tiny Llama 3 in transformers' terms: dim 64, 2 layers, rope_theta 500000, `factor` None for no scaling."""
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    if factor is not None:
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                    num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
+                    max_position_embeddings=131072, rope_parameters=rope, tie_word_embeddings=tied,
+                    initializer_range=0.15, bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def hf_reference(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face's conversion of Meta's wq or wk: within each head, adjacent row pairs (2i, 2i+1)
+    become rows (i, head_dim/2 + i)."""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The reference's weights under Meta's names, wq and wk in Meta's order (undoing the permutation
+    by its index: this does not use unpermute_hf)."""
+    config = model.config
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        meta_name = llama.hf_to_meta_name(name)
+        if meta_name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = config.num_attention_heads if "wq" in meta_name else config.num_key_value_heads
+            order = permute_meta_to_hf(torch.arange(tensor.shape[0]).view(-1, 1), heads).view(-1)
+            tensor = tensor[torch.argsort(order)]
+        out[meta_name] = tensor.clone().contiguous()
+    return out
+
+
+def write_meta_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path) -> Path:
+    config = model.config
+    path.mkdir(parents=True)
+    params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": config.num_attention_heads,
+              "n_kv_heads": config.num_key_value_heads, "vocab_size": config.vocab_size, "multiple_of": 16,
+              "ffn_dim_multiplier": None, "norm_eps": config.rms_norm_eps, "rope_theta": 500000.0,
+              "use_scaled_rope": config.rope_parameters["rope_type"] == "llama3"}
+    assert blocks.ffn_hidden_dim(4 * config.hidden_size, 16, None) == config.intermediate_size
+    (path / "params.json").write_text(json.dumps(params))
+    torch.save(meta_state_dict(model), path / "consolidated.00.pth")
+    shutil.copy(tokenizer, path / "tokenizer.model")
+    return path
+
+
+def write_hf_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path, sharded: bool = False,
+                    tokenizer_in_original: bool = False) -> Path:
+    model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
+    (path / "original").mkdir()
+    shutil.copy(tokenizer, path / ("original" if tokenizer_in_original else ".") / "tokenizer.model")
+    return path
