@@ -35,6 +35,7 @@ Run:   python 06_lora_finetuning.py                                  # the demo:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -49,12 +50,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import main
+from main import (
+    ModelArgs,
+    TrainConfig,
+    Transformer,
+    check_prompt,
+    configure_optimizer,
+    estimate_loss,
+    generate,
+    get_lr,
+    load_checkpoint,
+    model_from_checkpoint,
+    train_step,
+)
 from plumbing.runtime import Progress, Stopped, StopSignals, lock_out_dir, pick_device, save_checkpoint
 from plumbing.validators import non_negative_int, positive_float, positive_int, seed_type, temperature_type, top_p_type
 
-inputs = main.inputs
-llama = main  # chapter 5's load_llama and HF_LAYER_NAMES, until 05_llama3_tokenizer_and_weights.py lands
+inputs = importlib.import_module("01_input_block")
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 
 # Meta's names of the seven projections in a block, and the submodule of TransformerBlock that holds each.
 TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
@@ -91,8 +104,8 @@ class LoRALinear(nn.Module):
         return (base + self.scale * update).to(base.dtype)
 
 
-def add_lora(model: main.Transformer, rank: int, alpha: float, targets: Iterable[str] = tuple(TARGETS)
-             ) -> main.Transformer:
+def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str] = tuple(TARGETS)
+             ) -> Transformer:
     """Freeze every parameter of `model`, then wrap the `targets` projections of every block in LoRALinear.
 
     Args:
@@ -133,7 +146,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 @torch.no_grad()
-def merge_lora(model: main.Transformer) -> main.Transformer:
+def merge_lora(model: Transformer) -> Transformer:
     """Fold every update into its weight, W <- W + (alpha / r) B A (summed in float32, stored in W's dtype),
     and put plain nn.Linear layers back: the state-dict keys are exactly the base's again.
 
@@ -185,7 +198,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class LoRAConfig:
-    """What add_lora needs; the training settings are main.TrainConfig's."""
+    """What add_lora needs; the training settings are TrainConfig's."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -209,7 +222,7 @@ def load_adapter(path: Path) -> dict:
     return adapter
 
 
-def apply_adapter(model: main.Transformer, adapter: dict, source: str) -> LoRAConfig:
+def apply_adapter(model: Transformer, adapter: dict, source: str) -> LoRAConfig:
     """add_lora with the adapter's settings, then its tensors. Returns those settings."""
     lora_cfg = LoRAConfig(**adapter["lora_config"])
     add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
@@ -227,7 +240,7 @@ def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def export_peft(model: main.Transformer, out_dir: Path, base_name: str) -> list[Path]:
+def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]:
     """Write the model's LoRA matrices as peft saves a LoRA adapter of transformers' LlamaForCausalLM:
     adapter_config.json and adapter_model.safetensors, with Hugging Face's names and q/k row order.
 
@@ -263,21 +276,21 @@ def export_peft(model: main.Transformer, out_dir: Path, base_name: str) -> list[
 
 
 def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eval_iters: int, seed: int
-                      ) -> main.TrainConfig:
-    """main.TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (as peft's examples), a short
+                      ) -> TrainConfig:
+    """TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (as peft's examples), a short
     warmup, then a cosine down to a tenth of the peak at max_iters."""
-    return main.TrainConfig(batch_size=batch_size, max_iters=max_iters, learning_rate=learning_rate,
+    return TrainConfig(batch_size=batch_size, max_iters=max_iters, learning_rate=learning_rate,
                             min_lr=learning_rate / 10, warmup_iters=max(1, max_iters // 20),
                             lr_decay_iters=max_iters, weight_decay=0.0, eval_iters=eval_iters, seed=seed,
                             optimizer="adamw")
 
 
-def lora_step(model: main.Transformer, optimizers: list[torch.optim.Optimizer], train_data: np.ndarray,
-              cfg: main.TrainConfig, seq_len: int, bos_id: int, generator: torch.Generator, device: str,
+def lora_step(model: Transformer, optimizers: list[torch.optim.Optimizer], train_data: np.ndarray,
+              cfg: TrainConfig, seq_len: int, bos_id: int, generator: torch.Generator, device: str,
               step: int) -> float:
-    """One AdamW step on a fresh batch (main.train_step; only the LoRA matrices have gradients). Returns the loss."""
+    """One AdamW step on a fresh batch (train_step; only the LoRA matrices have gradients). Returns the loss."""
     batch = inputs.get_batch(train_data, cfg.batch_size, seq_len, bos_id, generator, device)
-    return main.train_step(model, optimizers, [batch], [main.get_lr(step, cfg)], cfg.grad_clip, nullcontext())
+    return train_step(model, optimizers, [batch], [get_lr(step, cfg)], cfg.grad_clip, nullcontext())
 
 
 def load_base(args: argparse.Namespace, seq_len: int | None, device: str):
@@ -289,8 +302,8 @@ def load_base(args: argparse.Namespace, seq_len: int | None, device: str):
         model, tokenizer = llama.load_llama(args.llama_dir, seq_len, dtype, device,
                                             log=lambda line: print(line, file=sys.stderr))
         return model, tokenizer, seq_len
-    checkpoint = main.load_checkpoint(args.ckpt)
-    model = main.model_from_checkpoint(checkpoint).to(device, dtype)
+    checkpoint = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(checkpoint).to(device, dtype)
     seq_len = seq_len or model.params.max_seq_len
     if seq_len > model.params.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} is longer than the context {model.params.max_seq_len} that "
@@ -311,7 +324,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
         seq_len = args.seq_len
     else:  # the run's own settings; only --max-iters may change
         lora_cfg, seq_len = LoRAConfig(**state["lora_config"]), state["seq_len"]
-        cfg = main.TrainConfig(**state["train_config"])
+        cfg = TrainConfig(**state["train_config"])
         cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
 
     # ---- the base, frozen, and the text
@@ -322,7 +335,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
         data = np.array(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:  # a character model meets a character it never saw
         raise ValueError(f"--data {args.data}: {e}") from e
-    main.check_prompt(tokenizer, args.prompt)  # now, not after training
+    check_prompt(tokenizer, args.prompt)  # now, not after training
     train_data, val_data = inputs.train_val_split(data)
     if min(len(train_data), len(val_data)) < seq_len:
         raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "
@@ -331,7 +344,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
     # ---- LoRA and its optimizer
     torch.manual_seed(cfg.seed)  # A's random start
     add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
-    optimizers = main.configure_optimizer(model, cfg, device.split(":")[0])
+    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []
     if state is not None:
@@ -348,7 +361,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
     print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
           f"{cfg.batch_size} x {seq_len} tokens")
     if state is None:
-        val_before = main.estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
+        val_before = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
     print(f"val loss before fine-tuning: {val_before:.4f}")
 
     def save() -> None:
@@ -372,7 +385,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
                                          f"try a lower --learning-rate")
             step += 1
             losses.append(loss)
-            progress.update(step, loss, main.get_lr(step - 1, cfg))
+            progress.update(step, loss, get_lr(step - 1, cfg))
             if step % SAVE_INTERVAL == 0 or stop.signum:
                 save()
             if stop.signum:
@@ -385,7 +398,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
         train_time = time.perf_counter() - t0
         progress.close()
         save()
-    val_after = main.estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
+    val_after = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
     print(f"val loss after fine-tuning: {val_after:.4f} (before: {val_before:.4f})")
     tokens_per_s = (step - first_step) * cfg.batch_size * seq_len / train_time if step > first_step else None
     metrics = {"val_loss_before": val_before, "val_loss_after": val_after, "train_losses": losses,
@@ -411,8 +424,8 @@ def use_adapter(args: argparse.Namespace) -> None:
         print(f"wrote {' and '.join(map(str, paths))}: load them with "
               f"peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(...), {str(args.export_peft)!r})")
     if args.sample:
-        main.check_prompt(tokenizer, args.prompt)
-        text = main.generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+        check_prompt(tokenizer, args.prompt)
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              torch.Generator().manual_seed(args.seed))
         print(f"{args.prompt}{text}")
 
@@ -420,7 +433,7 @@ def use_adapter(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- the demo and its figure
 
 # params.json of Llama 3.2 1B, for the figure's counts (built on the meta device: shapes, no memory).
-LLAMA_32_1B = main.ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+LLAMA_32_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
                              ffn_dim_multiplier=1.5)
 
 
@@ -428,7 +441,7 @@ def llama_32_1b_memory(rank: int = 8) -> dict[str, dict[str, float]]:
     """GB that AdamW needs for Llama 3.2 1B's parameters: a full fine-tune in float32 against LoRA at `rank` on all
     seven projections with the base frozen in bfloat16 (activations left out: they depend on the batch)."""
     with torch.device("meta"):
-        model = main.Transformer(LLAMA_32_1B)
+        model = Transformer(LLAMA_32_1B)
     model.output.weight = model.tok_embeddings.weight  # tied, as in Llama 3.2 1B
     n_total = count_parameters(model)[1]
     n_lora = count_parameters(add_lora(model, rank, 2.0 * rank))[0]
@@ -500,13 +513,13 @@ def demo(fig_dir: Path) -> None:
     seq_len, generator = 64, torch.Generator().manual_seed(0)
 
     # ---- the base: every weight trained, briefly, on the old text (main.py's way, in miniature)
-    model = main.Transformer(main.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                             vocab_size=tokenizer.vocab_size, max_seq_len=seq_len))
-    cfg = main.TrainConfig(batch_size=16, max_iters=200, learning_rate=1e-2, min_lr=1e-3, warmup_iters=20)
-    optimizers = main.configure_optimizer(model, cfg, "cpu")
+    cfg = TrainConfig(batch_size=16, max_iters=200, learning_rate=1e-2, min_lr=1e-3, warmup_iters=20)
+    optimizers = configure_optimizer(model, cfg, "cpu")
     for step in range(cfg.max_iters):
         batch = inputs.get_batch(old_data, cfg.batch_size, seq_len, tokenizer.bos_id, generator)
-        main.train_step(model, optimizers, [batch], [main.get_lr(step, cfg)], cfg.grad_clip, nullcontext())
+        train_step(model, optimizers, [batch], [get_lr(step, cfg)], cfg.grad_clip, nullcontext())
     print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
           f"{cfg.max_iters} steps on chapters 1-4 ({len(old_text):,} characters); new text: this chapter")
 
@@ -524,13 +537,13 @@ def demo(fig_dir: Path) -> None:
 
     # ---- the fine-tune: AdamW on A and B only
     cfg = lora_train_config(max_iters=120, batch_size=16, learning_rate=1e-2, eval_iters=4, seed=0)
-    optimizers = main.configure_optimizer(model, cfg, "cpu")
-    val_log = [(0, main.estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext()))]
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    val_log = [(0, estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext()))]
     losses = []
     for step in range(cfg.max_iters):
         losses.append(lora_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step))
         if (step + 1) % 20 == 0:
-            val_log.append((step + 1, main.estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu",
+            val_log.append((step + 1, estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu",
                                                          nullcontext())))
     print(f"LoRA fine-tune, {cfg.max_iters} steps: val loss on this chapter {val_log[0][1]:.3f} -> "
           f"{val_log[-1][1]:.3f}")
@@ -540,7 +553,7 @@ def demo(fig_dir: Path) -> None:
         lora_logits = model(tokens)[0]
         merge_lora(model)
         diff = (model(tokens)[0] - lora_logits).abs().max().item()
-    same_keys = model.state_dict().keys() == main.Transformer(model.params).state_dict().keys()
+    same_keys = model.state_dict().keys() == Transformer(model.params).state_dict().keys()
     print(f"merge_lora: merged logits against unmerged: max |diff| = {diff:.1e} (should be below 1e-5: "
           f"float32 rounding); state-dict keys are Meta's again: {same_keys}")
 
@@ -628,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main_cli(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
@@ -656,4 +669,4 @@ def main_cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main_cli()
+    main()

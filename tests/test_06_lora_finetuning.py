@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from llama_checkpoints import hf_config, hf_reference, write_byte_tokenizer, write_hf_layout
 from safetensors import safe_open
-from test_llama import hf_config, hf_reference, write_byte_tokenizer, write_hf_layout
 
 import main
 
+inputs = importlib.import_module("01_input_block")
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 lora = importlib.import_module("06_lora_finetuning")
-inputs = main.inputs
 SILENT = lambda line: None  # noqa: E731 (load_llama's log)
 
 
@@ -79,7 +80,7 @@ def hf_llama(tmp_path_factory) -> Path:
 
 
 def run_cli(*argv) -> None:
-    lora.main_cli([str(a) for a in argv])
+    lora.main([str(a) for a in argv])
 
 
 def cli_error(*argv) -> str:
@@ -133,7 +134,7 @@ def test_trainable_parameters_are_the_lora_matrices_only():
 def test_trainable_count_equals_peft_on_the_same_model(hf_llama):
     from peft import LoraConfig, get_peft_model
 
-    model, _ = main.load_llama(hf_llama, max_seq_len=32, log=SILENT)
+    model, _ = llama.load_llama(hf_llama, max_seq_len=32, log=SILENT)
     lora.add_lora(model, rank=4, alpha=8.0, targets=["wq", "wk", "w2"])
     reference = hf_reference(hf_config(), HF_SEED)
     peft_model = get_peft_model(reference, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj",
@@ -255,7 +256,7 @@ def test_export_peft_gives_our_logits_in_transformers(hf_llama, tmp_path, capsys
     with safe_open(export / "adapter_model.safetensors", "pt") as f:
         assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in f.keys() and len(f.keys()) == 12
 
-    model, _ = main.load_llama(path, max_seq_len=32, dtype=torch.float32, log=SILENT)
+    model, _ = llama.load_llama(path, max_seq_len=32, dtype=torch.float32, log=SILENT)
     lora.apply_adapter(model, lora.load_adapter(out / "adapter.pt"), "adapter.pt")
     peft_model = PeftModel.from_pretrained(reference, export).eval()
     tokens = random_tokens(vocab_size=256)
