@@ -92,9 +92,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.weight = base.weight.requires_grad_(False)  # the same tensor: wrapping copies nothing
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, in), float32
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r), zero: B A = 0
+        # float32 whatever the base's dtype, as peft keeps them: AdamW's small steps would vanish in bfloat16
+        like = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r), zero: B A = 0 at first
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,8 @@ def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str]
         ValueError: an unknown target, a rank that does not fit, or a model that already has LoRA.
     """
     targets = list(dict.fromkeys(targets))  # in order, once each
-    hf_names = {hf.split(".")[-1]: meta.split(".")[-1] for hf, meta in llama.HF_LAYER_NAMES.items()}
+    hf_names = {hf.split(".")[-1]: meta.split(".")[-1] for hf, meta in llama.HF_LAYER_NAMES.items()
+                if meta.split(".")[-1] in TARGETS}  # "q_proj" -> "wq"
     for target in targets:
         if target not in TARGETS:
             hint = f"; {target} is Hugging Face's name for {hf_names[target]}" if target in hf_names else ""
@@ -251,19 +253,18 @@ def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]
 
     meta_to_hf = {meta: hf for hf, meta in llama.HF_LAYER_NAMES.items()}  # "attention.wq" -> "self_attn.q_proj"
     heads = {"wq": model.params.n_heads, "wk": model.params.n_kv_heads or model.params.n_heads}
-    tensors, modules = {}, lora_modules(model)
-    for name, module in modules.items():  # "layers.3.attention.wq"
+    tensors, targets = {}, set()
+    for name, module in lora_modules(model).items():  # "layers.3.attention.wq"
         _, i, block, proj = name.split(".")
-        prefix = f"base_model.model.model.layers.{i}.{meta_to_hf[f'{block}.{proj}']}"
+        hf_name = meta_to_hf[f"{block}.{proj}"]  # "self_attn.q_proj"
         lora_B = module.lora_B.detach()  # (out, r): its rows are W's rows, in Meta's order
         if proj in heads:
             lora_B = permute_meta_to_hf(lora_B, heads[proj])
-        tensors[f"{prefix}.lora_A.weight"] = module.lora_A.detach().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = lora_B.contiguous()
-    first = next(iter(modules.values()))
-    targets = sorted({meta_to_hf[".".join(name.split(".")[2:])].split(".")[-1] for name in modules})
+        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_A.weight"] = module.lora_A.detach().contiguous()
+        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_B.weight"] = lora_B.contiguous()
+        targets.add(hf_name.split(".")[-1])
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-              "r": first.rank, "lora_alpha": first.alpha, "target_modules": targets, "lora_dropout": 0.0,
+              "r": module.rank, "lora_alpha": module.alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "adapter_config.json", out_dir / "adapter_model.safetensors"]
@@ -277,12 +278,11 @@ def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]
 
 def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eval_iters: int, seed: int
                       ) -> TrainConfig:
-    """TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (as peft's examples), a short
+    """TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (transformers' Trainer default), a short
     warmup, then a cosine down to a tenth of the peak at max_iters."""
     return TrainConfig(batch_size=batch_size, max_iters=max_iters, learning_rate=learning_rate,
-                            min_lr=learning_rate / 10, warmup_iters=max(1, max_iters // 20),
-                            lr_decay_iters=max_iters, weight_decay=0.0, eval_iters=eval_iters, seed=seed,
-                            optimizer="adamw")
+                       min_lr=learning_rate / 10, warmup_iters=max(1, max_iters // 20), lr_decay_iters=max_iters,
+                       weight_decay=0.0, eval_iters=eval_iters, seed=seed, optimizer="adamw")
 
 
 def lora_step(model: Transformer, optimizers: list[torch.optim.Optimizer], train_data: np.ndarray,
@@ -293,7 +293,8 @@ def lora_step(model: Transformer, optimizers: list[torch.optim.Optimizer], train
     return train_step(model, optimizers, [batch], [get_lr(step, cfg)], cfg.grad_clip, nullcontext())
 
 
-def load_base(args: argparse.Namespace, seq_len: int | None, device: str):
+def load_base(args: argparse.Namespace, seq_len: int | None, device: str
+              ) -> tuple[Transformer, inputs.CharTokenizer | llama.Llama3Tokenizer, int]:
     """The frozen base model and its tokenizer: Meta's Llama 3 (--llama-dir) or main.py's character model
     (--ckpt), in --dtype or its own dtype. Returns (model, tokenizer, seq_len)."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -335,7 +336,6 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
         data = np.array(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:  # a character model meets a character it never saw
         raise ValueError(f"--data {args.data}: {e}") from e
-    check_prompt(tokenizer, args.prompt)  # now, not after training
     train_data, val_data = inputs.train_val_split(data)
     if min(len(train_data), len(val_data)) < seq_len:
         raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "

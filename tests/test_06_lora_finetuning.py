@@ -289,6 +289,8 @@ def test_an_adapter_for_another_base_is_one_error_line(char_ckpt, tiny_corpus, t
            "(8, 64)" in cli_error("--ckpt", wider, "--out-dir", out, "--sample")
     assert "it lacks layers.2." in cli_error("--ckpt", deeper, "--out-dir", out, "--sample")
     assert "no adapter at" in cli_error("--ckpt", char_ckpt, "--out-dir", tmp_path / "empty", "--sample")
+    assert "--prompt 'Ω': characters not in the vocabulary" in cli_error("--ckpt", char_ckpt, "--out-dir", out,
+                                                                         "--sample", "--prompt", "Ω")
 
 
 def test_bad_data_and_bases_are_one_error_line(char_ckpt, hf_llama, tmp_path):
@@ -300,7 +302,6 @@ def test_bad_data_and_bases_are_one_error_line(char_ckpt, hf_llama, tmp_path):
     foreign.write_text("ROMEO: But soft, what light through yonder window breaks? Ω" * 40)
     assert "characters not in the vocabulary: 'Ω'" in cli_error("--ckpt", char_ckpt, "--data", foreign,
                                                                  "--out-dir", tmp_path / "o")
-    assert "--prompt" in cli_error("--ckpt", char_ckpt, "--data", short, "--prompt", "Ω", "--out-dir", tmp_path / "o")
     assert "no checkpoint at" in cli_error("--ckpt", tmp_path / "none.pt", "--data", short)
     assert "is not a directory" in cli_error("--llama-dir", tmp_path / "nowhere", "--data", short)
     (tmp_path / "empty_dir").mkdir()
