@@ -18,8 +18,9 @@ parameters, 0.46% of the model, while the frozen weights stay in bfloat16 (2.47 
 - After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is
   the base architecture again, with Meta's state-dict keys and no extra cost per token.
 - Only A and B are trained, by AdamW. They are 2-D matrices under `layers.`, which main.py's Muon
-  rule would take (Muon is for whole hidden matrices); they stay in float32, as peft keeps them,
-  whatever the base's dtype, because AdamW's small steps would vanish in bfloat16's 8-bit mantissa.
+  rule would take (Muon is for whole hidden matrices). They are kept in float32, as peft keeps them,
+  whatever the base's dtype: AdamW's small steps would vanish in bfloat16's 8-bit mantissa. The
+  forward pass uses them in the base's dtype, as autocast would.
 - Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so
   an adapter exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
@@ -92,17 +93,19 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.weight = base.weight.requires_grad_(False)  # the same tensor: wrapping copies nothing
-        # float32 whatever the base's dtype, as peft keeps them: AdamW's small steps would vanish in bfloat16
+        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16
         like = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r), zero: B A = 0 at first
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) -> (..., out_features), in the base's dtype."""
-        base = F.linear(x, self.weight)  # (..., out) in the base's dtype
-        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return (base + self.scale * update).to(base.dtype)
+        """x: (..., in_features) -> (..., out_features), in x's dtype."""
+        # The float32 matrices are used in x's dtype, as autocast would: casting A and B costs r * (in + out)
+        # numbers, casting x or the output would cost far more.
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # (..., r) scaled, then (..., out)
+        return F.linear(x, self.weight) + update  # (..., out): W x + (alpha / r) B A x
 
 
 def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str] = tuple(TARGETS)
