@@ -11,9 +11,11 @@ file), then measures, each in a fresh Python process:
              same weights (wq and wk rows in Hugging Face's order, sharing the other tensors with ours), both
              stepped by main.train_step with main.configure_optimizer's AdamW: batch 1 x 128 tokens, bfloat16
              base, float32 LoRA matrices. The two take turns, step by step, so that what else the machine does
-             slows both alike; the median step gives tokens/s (goal: ours at least peft's).
+             slows both alike; the median step gives tokens/s (goal: ours at least peft's), the best step
+             what each reaches when nothing else runs.
 
-Before timing, both models' logits on the same batch are compared: the same weights give the same answer.
+Before timing, both models' logits on the same batch are compared: the same weights give the same answer
+(to bfloat16's rounding: the two compute RoPE and the norms in different orders).
 The tokenizer.model comes from the llama-models package (requirements-test.txt) unless --tokenizer is given.
 
 Run:   python benchmarks/bench_lora.py                  # about 2.5 GB on disk, 3 GB of memory, minutes on a CPU
@@ -171,7 +173,7 @@ def measure_speed(path: Path, steps: int) -> dict:
         x, _ = batch(vocab_size, seed=10**6)
         ours_logits, theirs_logits = ours(x)[0], theirs.model(input_ids=x, use_cache=False).logits.float()
     logits_diff = (ours_logits - theirs_logits).abs().max().item()
-    agree = (ours_logits.argmax(-1) == theirs_logits.argmax(-1)).float().mean().item()
+    cosine = F.cosine_similarity(ours_logits.double().flatten(), theirs_logits.double().flatten(), dim=0).item()
 
     models = {"ours": ours, "peft": theirs}
     optimizers = {name: main.configure_optimizer(m, train_config(), "cpu") for name, m in models.items()}
@@ -187,8 +189,10 @@ def measure_speed(path: Path, steps: int) -> dict:
                 times[name].append(time.perf_counter() - t0)
     median = {name: statistics.median(t) for name, t in times.items()}
     return {"ours_tokens_per_s": SEQ_LEN / median["ours"], "peft_tokens_per_s": SEQ_LEN / median["peft"],
-            "ours_over_peft": median["peft"] / median["ours"], "ours_step_s": times["ours"],
-            "peft_step_s": times["peft"], "logits_max_abs_diff": logits_diff, "argmax_agreement": agree,
+            "ours_over_peft": median["peft"] / median["ours"], "ours_best_tokens_per_s": SEQ_LEN / min(times["ours"]),
+            "peft_best_tokens_per_s": SEQ_LEN / min(times["peft"]),
+            "ours_step_s": times["ours"], "peft_step_s": times["peft"], "logits_max_abs_diff": logits_diff,
+            "logits_cosine": cosine, "logits_max_abs": ours_logits.abs().max().item(),
             "trainable_params": lora.count_parameters(ours)[0], "threads": torch.get_num_threads()}
 
 
@@ -204,7 +208,7 @@ def child(flag: str, path: Path, steps: int) -> dict:
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama 3.2 1B (default); tiny: smoke")
-    parser.add_argument("--steps", type=positive_int, default=4,
+    parser.add_argument("--steps", type=positive_int, default=6,
                         help="timed training steps for each of ours and peft's (default: %(default)s)")
     parser.add_argument("--memory-steps", type=positive_int, default=2,
                         help="training steps before reading our peak memory (default: %(default)s)")
@@ -232,11 +236,13 @@ def main_cli() -> None:
               f"{memory['base_weights_gb']:.2f} GB in bfloat16 ({memory['model_rss_over_base']:.2f}x without the "
               f"{memory['rss_gb_before_load']:.2f} GB before loading)", flush=True)
         speed = child("--measure-speed", Path(tmp), args.steps)
-    print(f"logits before training, ours against transformers': max |diff| {speed['logits_max_abs_diff']:.2e}, "
-          f"argmax agreement {speed['argmax_agreement']:.1%}")
-    print(f"LoRA training, batch 1 x {SEQ_LEN}, rank {RANK} on all seven projections, {speed['threads']} threads: "
-          f"ours {speed['ours_tokens_per_s']:.1f} tokens/s, peft {speed['peft_tokens_per_s']:.1f} tokens/s "
-          f"(ours {speed['ours_over_peft']:.2f}x peft's speed; median of {args.steps} steps each, taking turns)")
+    print(f"logits before training, ours against transformers' (bfloat16): max |diff| "
+          f"{speed['logits_max_abs_diff']:.2e} for logits up to {speed['logits_max_abs']:.2f}, "
+          f"cosine similarity {speed['logits_cosine']:.5f}")
+    print(f"LoRA training, batch 1 x {SEQ_LEN}, rank {RANK} on all seven projections, {speed['threads']} threads, "
+          f"median (best) of {args.steps} steps each, taking turns: ours {speed['ours_tokens_per_s']:.1f} "
+          f"({speed['ours_best_tokens_per_s']:.1f}) tokens/s, peft {speed['peft_tokens_per_s']:.1f} "
+          f"({speed['peft_best_tokens_per_s']:.1f}) tokens/s: ours at {speed['ours_over_peft']:.2f}x peft's speed")
     print(json.dumps({"shape": args.shape, "params": n_params, "rank": RANK, "alpha": ALPHA, "seq_len": SEQ_LEN,
                       **memory, **speed}))
 
