@@ -196,10 +196,11 @@ def measure_speed(path: Path, steps: int) -> dict:
             "trainable_params": lora.count_parameters(ours)[0], "threads": torch.get_num_threads()}
 
 
-def child(flag: str, path: Path, steps: int) -> dict:
+def child(flag: str, path: Path, steps: int, threads: int | None) -> dict:
     """Run this script with `flag` in a fresh process and return the JSON object it prints."""
-    result = subprocess.run([sys.executable, __file__, flag, str(path), "--steps", str(steps)],
-                            capture_output=True, text=True)
+    command = [sys.executable, __file__, flag, str(path), "--steps", str(steps)]
+    command += ["--threads", str(threads)] if threads else []
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: the measuring process ({flag}) failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -212,11 +213,16 @@ def main_cli() -> None:
                         help="timed training steps for each of ours and peft's (default: %(default)s)")
     parser.add_argument("--memory-steps", type=positive_int, default=2,
                         help="training steps before reading our peak memory (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: PyTorch's, one per core); on a machine that other jobs share, "
+                             "1 thread is slowed less by them")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="Meta's tokenizer.model (default: the copy in the llama-models package)")
     parser.add_argument("--measure-memory", type=Path, default=None, help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--measure-speed", type=Path, default=None, help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.measure_memory is not None:
         print(json.dumps(measure_memory(args.measure_memory, args.steps)))
         return
@@ -231,11 +237,11 @@ def main_cli() -> None:
         n_params = write_checkpoint(Path(tmp), SHAPES[args.shape], tokenizer)
         print(f"wrote a random {args.shape} checkpoint: {n_params:,} parameters in {time.perf_counter() - t0:.0f} s",
               flush=True)
-        memory = child("--measure-memory", Path(tmp), args.memory_steps)
+        memory = child("--measure-memory", Path(tmp), args.memory_steps, args.threads)
         print(f"ours: peak RSS {memory['peak_rss_gb']:.2f} GB = {memory['peak_rss_over_base']:.2f}x the base's "
               f"{memory['base_weights_gb']:.2f} GB in bfloat16 ({memory['model_rss_over_base']:.2f}x without the "
               f"{memory['rss_gb_before_load']:.2f} GB before loading)", flush=True)
-        speed = child("--measure-speed", Path(tmp), args.steps)
+        speed = child("--measure-speed", Path(tmp), args.steps, args.threads)
     print(f"logits before training, ours against transformers' (bfloat16): max |diff| "
           f"{speed['logits_max_abs_diff']:.2e} for logits up to {speed['logits_max_abs']:.2f}, "
           f"cosine similarity {speed['logits_cosine']:.5f}")
