@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import signal
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,13 +49,13 @@ def write_char_checkpoint(path: Path, text: str, seed: int = 0, train_steps: int
     (a random model's logits are too flat for a fine-tune to show)."""
     tokenizer = inputs.CharTokenizer.from_text(text)
     model = tiny_model(seed, tokenizer.vocab_size, **overrides)
-    cfg = main.TrainConfig(batch_size=8, max_iters=train_steps, learning_rate=1e-2, warmup_iters=5)
+    cfg = main.TrainConfig(batch_size=8, max_iters=train_steps, warmup_iters=5)  # main.py's recipe
     optimizers = main.configure_optimizer(model, cfg, "cpu")
     data = np.array(tokenizer.encode(text), dtype=np.int64)
     generator = torch.Generator().manual_seed(seed)
     for step in range(train_steps):
-        batch = inputs.get_batch(data, 8, model.params.max_seq_len, tokenizer.bos_id, generator)
-        main.train_step(model, optimizers, [batch], [main.get_lr(step, cfg)], 1.0, nullcontext())
+        lora.train_one_step(model, optimizers, data, cfg, model.params.max_seq_len, tokenizer.bos_id, generator,
+                            "cpu", step)
     torch.save({"model": model.state_dict(), "model_args": asdict(model.params), "tokenizer": tokenizer.to_dict(),
                 "step": train_steps}, path)
     return path
@@ -216,7 +215,7 @@ def test_interrupted_fine_tune_saves_and_resume_continues_exactly(char_ckpt, tin
              "--learning-rate", 1e-2]
     run_cli(*flags, "--out-dir", tmp_path / "straight")
 
-    real_step = lora.lora_step
+    real_step = lora.train_one_step
 
     def step_then_sigterm(*args):
         loss = real_step(*args)
@@ -224,12 +223,12 @@ def test_interrupted_fine_tune_saves_and_resume_continues_exactly(char_ckpt, tin
             signal.raise_signal(signal.SIGTERM)
         return loss
 
-    monkeypatch.setattr(lora, "lora_step", step_then_sigterm)
+    monkeypatch.setattr(lora, "train_one_step", step_then_sigterm)
     with pytest.raises(SystemExit) as exc:
         run_cli(*flags, "--out-dir", tmp_path / "stopped")
     assert exc.value.code == 128 + signal.SIGTERM
     assert torch.load(tmp_path / "stopped" / "adapter.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(lora, "lora_step", real_step)
+    monkeypatch.setattr(lora, "train_one_step", real_step)
     run_cli(*flags, "--out-dir", tmp_path / "stopped", "--resume")
 
     straight, resumed = (torch.load(tmp_path / run / "train_state.pt", weights_only=True)
