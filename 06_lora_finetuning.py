@@ -279,11 +279,11 @@ def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eval_iters: int, seed: int
-                      ) -> TrainConfig:
+def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eval_iters: int, seed: int,
+                      grad_accum: int = 1) -> TrainConfig:
     """TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (transformers' Trainer default), a short
     warmup, then a cosine down to a tenth of the peak at max_iters."""
-    return TrainConfig(batch_size=batch_size, max_iters=max_iters, learning_rate=learning_rate,
+    return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_iters=max_iters, learning_rate=learning_rate,
                        min_lr=learning_rate / 10, warmup_iters=max(1, max_iters // 20), lr_decay_iters=max_iters,
                        weight_decay=0.0, eval_iters=eval_iters, seed=seed, optimizer="adamw", schedule="cosine")
 
@@ -291,11 +291,12 @@ def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eva
 def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], train_data: np.ndarray,
                    cfg: TrainConfig, seq_len: int, bos_id: int, generator: torch.Generator, device: str,
                    step: int) -> float:
-    """main.py's train_step on a fresh batch, at the learning rates of `step`: with LoRA, only A and B have
-    gradients, so only they move. Returns the loss."""
-    batch = inputs.get_batch(train_data, cfg.batch_size, seq_len, bos_id, generator, device)
+    """main.py's train_step on grad_accum fresh micro-batches, at the learning rates of `step`: with LoRA, only
+    A and B have gradients, so only they move. Returns the loss."""
+    batches = [inputs.get_batch(train_data, cfg.batch_size, seq_len, bos_id, generator, device)
+               for _ in range(cfg.grad_accum)]
     lrs = list(learning_rates(step, optimizers, cfg).values())
-    return train_step(model, optimizers, [batch], lrs, cfg.grad_clip, nullcontext())
+    return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
 
 
 def load_base(args: argparse.Namespace, seq_len: int | None, device: str
@@ -326,7 +327,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
     if state is None:
         lora_cfg = LoRAConfig(args.rank, args.alpha, tuple(args.targets))
         cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
-                                args.eval_iters, args.seed)
+                                args.eval_iters, args.seed, args.grad_accum)
         seq_len = args.seq_len
     else:  # the run's own settings; only --max-iters may change
         lora_cfg, seq_len = LoRAConfig(**state["lora_config"]), state["seq_len"]
@@ -364,7 +365,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
           f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
           f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
     print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
-          f"{cfg.batch_size} x {seq_len} tokens")
+          f"{cfg.grad_accum} x {cfg.batch_size} windows of {seq_len} tokens")
     if state is None:
         val_before = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
     print(f"val loss before fine-tuning: {val_before:.4f}")
@@ -379,7 +380,7 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
         save_checkpoint(adapter_path, adapter)
 
     # ---- the loop: AdamW on A and B; Ctrl-C or SIGTERM saves, then --resume continues
-    progress = Progress(cfg.max_iters, step, cfg.batch_size * seq_len, args.log_interval)
+    progress = Progress(cfg.max_iters, step, cfg.grad_accum * cfg.batch_size * seq_len, args.log_interval)
     model.train()  # the base's dropout, if it has any, as in its own training
     with lock_out_dir(out_dir), StopSignals() as stop:
         while step < cfg.max_iters:
@@ -611,14 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the adapter goes (default: %(default)s)")
     t.add_argument("--max-iters", type=positive_int, default=None,
                    help=f"optimizer steps (default: {DEFAULT_MAX_ITERS}; with --resume: the run's own)")
-    t.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (default: %(default)s)")
+    t.add_argument("--batch-size", type=positive_int, default=1,
+                   help="windows per micro-batch, and per val batch (default: %(default)s)")
+    t.add_argument("--grad-accum", type=positive_int, default=4,
+                   help="micro-batches per step: the update of one batch of batch-size x grad-accum windows, with "
+                        "the memory of one micro-batch (default: %(default)s)")
     t.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"tokens per window, each opening with <|begin_of_text|>; with --sample the context "
                         f"(default: {DEFAULT_LLAMA_SEQ_LEN} for --llama-dir, the context of --ckpt's model)")
     t.add_argument("--learning-rate", type=positive_float, default=2e-4,
                    help="AdamW's peak learning rate, after a warmup of 5%% of the steps and before a cosine decay "
                         "to a tenth (default: %(default)s)")
-    t.add_argument("--eval-iters", type=positive_int, default=10,
+    t.add_argument("--eval-iters", type=positive_int, default=40,
                    help="val batches for the loss before and after (the same batches both times; default: %(default)s)")
     t.add_argument("--seed", type=seed_type, default=1337,
                    help="seeds A's start, the batches and sampling (default: %(default)s)")

@@ -195,8 +195,8 @@ def test_adapter_round_trip_holds_only_the_lora_tensors(tmp_path):
 
 def test_fine_tune_lowers_the_val_loss_and_writes_an_adapter(char_ckpt, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    run_cli("--ckpt", char_ckpt, "--data", tiny_corpus, "--out-dir", out, "--max-iters", 30, "--batch-size", 8,
-            "--learning-rate", 1e-2, "--eval-iters", 2, "--rank", 4)
+    run_cli("--ckpt", char_ckpt, "--data", tiny_corpus, "--out-dir", out, "--max-iters", 30, "--batch-size", 2,
+            "--grad-accum", 4, "--learning-rate", 1e-2, "--eval-iters", 8, "--rank", 4)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.1, metrics  # 1.38 -> 1.20 here
     assert len(metrics["train_losses"]) == metrics["iters"] == 30
@@ -211,8 +211,8 @@ def test_fine_tune_lowers_the_val_loss_and_writes_an_adapter(char_ckpt, tiny_cor
 
 
 def test_interrupted_fine_tune_saves_and_resume_continues_exactly(char_ckpt, tiny_corpus, tmp_path, monkeypatch):
-    flags = ["--ckpt", char_ckpt, "--data", tiny_corpus, "--max-iters", 6, "--batch-size", 4, "--eval-iters", 1,
-             "--learning-rate", 1e-2]
+    flags = ["--ckpt", char_ckpt, "--data", tiny_corpus, "--max-iters", 6, "--batch-size", 2, "--grad-accum", 2,
+             "--eval-iters", 1, "--learning-rate", 1e-2]
     run_cli(*flags, "--out-dir", tmp_path / "straight")
 
     real_step = lora.train_one_step
@@ -246,7 +246,8 @@ def test_export_peft_gives_our_logits_in_transformers(hf_llama, tmp_path, capsys
     data = tmp_path / "text.txt"
     data.write_text("Llama learns the rows of its heads. " * 60)
     run_cli("--llama-dir", path, "--data", data, "--out-dir", out, "--max-iters", 5, "--batch-size", 2,
-            "--seq-len", 32, "--learning-rate", 3e-2, "--eval-iters", 1, "--rank", 4, "--targets", "wq,wk,w2")
+            "--grad-accum", 1, "--seq-len", 32, "--learning-rate", 3e-2, "--eval-iters", 1, "--rank", 4,
+            "--targets", "wq,wk,w2")
     run_cli("--llama-dir", path, "--out-dir", out, "--export-peft", export)
 
     config = json.loads((export / "adapter_config.json").read_text())
