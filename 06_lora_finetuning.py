@@ -365,7 +365,8 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
           f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
           f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
     print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
-          f"{cfg.grad_accum} x {cfg.batch_size} windows of {seq_len} tokens")
+          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
+          f"{cfg.batch_size})")
     if state is None:
         val_before = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
     print(f"val loss before fine-tuning: {val_before:.4f}")
@@ -382,10 +383,11 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
     # ---- the loop: AdamW on A and B; Ctrl-C or SIGTERM saves, then --resume continues
     progress = Progress(cfg.max_iters, step, cfg.grad_accum * cfg.batch_size * seq_len, args.log_interval)
     model.train()  # the base's dropout, if it has any, as in its own training
-    with lock_out_dir(out_dir), StopSignals() as stop:
+    with StopSignals() as stop:
         while step < cfg.max_iters:
             t0 = time.perf_counter()
-            loss = train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, data_gen, device, step)
+            loss = train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, data_gen, device,
+                                  step)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} at step {step}: training diverged; "
                                          f"try a lower --learning-rate")
@@ -430,7 +432,7 @@ def use_adapter(args: argparse.Namespace) -> None:
     if args.sample:
         check_prompt(tokenizer, args.prompt)
         text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                             torch.Generator().manual_seed(args.seed))
+                        torch.Generator().manual_seed(args.seed))
         print(f"{args.prompt}{text}")
 
 
@@ -438,31 +440,25 @@ def use_adapter(args: argparse.Namespace) -> None:
 
 # params.json of Llama 3.2 1B, for the figure's counts (built on the meta device: shapes, no memory).
 LLAMA_32_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                             ffn_dim_multiplier=1.5)
-
-
-def llama_32_1b_memory(rank: int = 8) -> dict[str, dict[str, float]]:
-    """GB that AdamW needs for Llama 3.2 1B's parameters: a full fine-tune in float32 against LoRA at `rank` on all
-    seven projections with the base frozen in bfloat16 (activations left out: they depend on the batch)."""
-    with torch.device("meta"):
-        model = Transformer(LLAMA_32_1B)
-    model.output.weight = model.tok_embeddings.weight  # tied, as in Llama 3.2 1B
-    n_total = count_parameters(model)[1]
-    n_lora = count_parameters(add_lora(model, rank, 2.0 * rank))[0]
-    return {"full fine-tune\n(float32)": {"weights": 4 * n_total / 1e9, "gradients": 4 * n_total / 1e9,
-                                          "AdamW moments": 8 * n_total / 1e9},
-            f"LoRA, rank {rank}\n(base in bfloat16)": {"weights": (2 * n_total + 4 * n_lora) / 1e9,
-                                                       "gradients": 4 * n_lora / 1e9,
-                                                       "AdamW moments": 8 * n_lora / 1e9},
-            "counts": {"total": n_total, "lora": n_lora}}
-
-
+                        ffn_dim_multiplier=1.5)
 DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
                    "04_feedforward_and_transformer_block.py"]
 
 
-def plot_figure(memory: dict, losses: list[float], val_log: list[tuple[int, float]], fig_dir: Path) -> Path:
-    """Left: what a fine-tune of Llama 3.2 1B holds in memory. Right: the demo's LoRA fine-tune."""
+def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
+    """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
+    with torch.device("meta"):
+        model = Transformer(LLAMA_32_1B)
+    model.output.weight = model.tok_embeddings.weight  # tied, as in Llama 3.2 1B
+    n_total = count_parameters(model)[1]
+    return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
+
+
+def plot_figure(n_total: int, n_lora: int, losses: list[float], val_log: list[tuple[int, float]],
+                fig_dir: Path) -> Path:
+    """Left: the memory that AdamW's parameters take in a fine-tune of Llama 3.2 1B, full against LoRA
+    (16 bytes per trained parameter: float32 weight, gradient, two moments; a frozen bfloat16 weight, 2 bytes).
+    Right: the demo's LoRA fine-tune."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -470,23 +466,19 @@ def plot_figure(memory: dict, losses: list[float], val_log: list[tuple[int, floa
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     fig, (mem_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=[1, 1.1])
-    runs = {name: parts for name, parts in memory.items() if name != "counts"}
+    runs = ["full fine-tune\n(float32)", "LoRA, rank 8\n(base in bfloat16)"]
+    parts = {"weights": [4 * n_total, 2 * n_total + 4 * n_lora], "gradients": [4 * n_total, 4 * n_lora],
+             "AdamW moments": [8 * n_total, 8 * n_lora]}  # bytes
     left = np.zeros(len(runs))
-    for part, color in zip(["weights", "gradients", "AdamW moments"], ["tab:blue", "tab:orange", "tab:green"],
-                           strict=True):
-        sizes = np.array([parts[part] for parts in runs.values()])
-        mem_ax.barh(list(runs), sizes, left=left, color=color, label=part)
-        left += sizes
-    lora_parts = sum(runs[name][part] for name in list(runs)[1:] for part in ("gradients", "AdamW moments"))
-    lora_parts += 4 * memory["counts"]["lora"] / 1e9
+    for (part, sizes), color in zip(parts.items(), ["tab:blue", "tab:orange", "tab:green"], strict=True):
+        mem_ax.barh(runs, np.array(sizes) / 1e9, left=left, color=color, label=part)
+        left += np.array(sizes) / 1e9
     mem_ax.bar_label(mem_ax.containers[-1], [f"{left[0]:.1f} GB", f"{left[1]:.1f} GB\n(LoRA's matrices, gradients\n"
-                                             f"and moments: {lora_parts:.2f} GB)"], padding=4)
+                                             f"and moments: {16 * n_lora / 1e9:.2f} GB)"], padding=4)
     mem_ax.invert_yaxis()
     mem_ax.set_xlim(0, left.max() * 1.2)
-    counts = memory["counts"]
     mem_ax.set(title=f"Fine-tuning Llama 3.2 1B with AdamW: memory of the parameters\n(LoRA trains "
-                     f"{counts['lora']:,} of {counts['total']:,}, {counts['lora'] / counts['total']:.2%})",
-               xlabel="GB (activations not included)")
+                     f"{n_lora:,} of {n_total:,}, {n_lora / n_total:.2%})", xlabel="GB (activations not included)")
     mem_ax.legend(loc="lower right")
 
     loss_ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", alpha=0.35, label="train loss (each step)")
@@ -562,11 +554,10 @@ def demo(fig_dir: Path) -> None:
           f"1e-5: only float32's rounding differs between (W + s B A) x and W x + s B A x); state-dict keys are "
           f"Meta's again: {same_keys} (should be True)")
 
-    memory = llama_32_1b_memory()
-    counts = memory["counts"]
-    print(f"Llama 3.2 1B, rank 8 on all seven projections: {counts['lora']:,} trainable parameters, "
-          f"{counts['lora'] / counts['total']:.2%} of {counts['total']:,}")
-    print(f"figure: {plot_figure(memory, losses, val_log, fig_dir)}")
+    n_total, n_lora = llama_32_1b_counts(rank=8)
+    print(f"Llama 3.2 1B, rank 8 on all seven projections: {n_lora:,} trainable parameters, "
+          f"{n_lora / n_total:.2%} of {n_total:,}")
+    print(f"figure: {plot_figure(n_total, n_lora, losses, val_log, fig_dir)}")
     print("caption: LoRA's frozen bfloat16 base and small float32 matrices need about an eighth of a full "
           "fine-tune's memory; the tiny model learns a new text with only its LoRA matrices trained.")
 
@@ -668,7 +659,8 @@ def main(argv: list[str] | None = None) -> None:
         elif using:
             use_adapter(args)
         else:
-            finetune(args, t_start)
+            with lock_out_dir(args.out_dir):  # one fine-tune per out-dir, refused before any work
+                finetune(args, t_start)
     except Stopped as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
