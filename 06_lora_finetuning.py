@@ -24,6 +24,10 @@ parameters, 0.46% of the model, while the frozen weights stay in bfloat16 (2.47 
 - Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so
   an adapter exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
+The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches
+it this chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss
+falling, merged logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
+
 Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama).
 Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
@@ -575,13 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chapter 6: LoRA fine-tuning of Meta's Llama 3 (--llama-dir) or of a character model that "
                     "main.py trained (--ckpt). Without either, the chapter's demo runs (seconds, no download).")
     b = p.add_argument_group("the base model (frozen)")
-    b.add_argument("--llama-dir", type=Path, default=None,
+    b.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
                    help="Meta's Llama 3 in Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or "
                         "Hugging Face's (config.json, model*.safetensors), as chapter 5 loads it")
-    b.add_argument("--ckpt", type=Path, default=None, help="a character model that main.py trained, e.g. out/ckpt.pt")
+    b.add_argument("--ckpt", type=Path, default=None, metavar="PATH",
+                   help="a character model that main.py trained, e.g. out/ckpt.pt")
     b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="the frozen base's dtype (default: the checkpoint's: bfloat16 for Meta's files, float32 for "
-                        "main.py's); LoRA's matrices are float32 whatever this is")
+                        "main.py's); LoRA's matrices are stored in float32 whatever this is")
     b.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
 
@@ -591,15 +596,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "matrix (default: %(default)s)")
     lo.add_argument("--alpha", type=positive_float, default=LoRAConfig.alpha,
                     help="the update is scaled by alpha / rank (default: %(default)s)")
-    lo.add_argument("--targets", type=comma_list, default=list(TARGETS),
+    lo.add_argument("--targets", type=comma_list, default=list(TARGETS), metavar="LIST",
                     help="comma-separated Meta names of the projections to adapt in every block: wq,wk,wv,wo "
                          "(attention), w1,w2,w3 (feed-forward) (default: all seven)")
 
     t = p.add_argument_group("fine-tuning (writes out-dir/adapter.pt, train_state.pt and metrics.json)")
-    t.add_argument("--data", default=None,
+    t.add_argument("--data", default=None, metavar="FILE",
                    help="UTF-8 text file to fine-tune on (default: data/tinyshakespeare.txt, downloaded if missing); "
                         "its first 90%% trains, its last 10%% gives the val loss before and after")
-    t.add_argument("--out-dir", type=Path, default=Path("out/lora"),
+    t.add_argument("--out-dir", type=Path, default=Path("out/lora"), metavar="DIR",
                    help="where the adapter goes (default: %(default)s)")
     t.add_argument("--max-iters", type=positive_int, default=None,
                    help=f"optimizer steps (default: {DEFAULT_MAX_ITERS}; with --resume: the run's own)")
@@ -636,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --llama-dir: write the adapter as peft saves one (adapter_config.json, "
                         "adapter_model.safetensors) for transformers' LlamaForCausalLM of the same base")
 
-    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"),
+    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), metavar="DIR",
                    help="the demo's figure goes here (default: %(default)s)")
     return p
 
