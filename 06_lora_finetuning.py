@@ -221,7 +221,7 @@ def load_adapter(path: Path) -> dict:
         FileNotFoundError: no file. ValueError: not an adapter of this script.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter at {path}: fine-tune first (without --sample or --export-peft)")
+        raise FileNotFoundError(f"no {path.name} in {path.parent}: fine-tune into --out-dir {path.parent} first")
     try:
         adapter = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean the same here

@@ -204,6 +204,8 @@ def test_fine_tune_lowers_the_val_loss_and_writes_an_adapter(char_ckpt, tiny_cor
     adapter = torch.load(out / "adapter.pt", weights_only=True)
     assert adapter.keys() == {"lora", "lora_config", "train_config", "seq_len", "step", "base"}
     assert all(name.endswith((".lora_A", ".lora_B")) for name in adapter["lora"]) and len(adapter["lora"]) == 28
+    optimizers = torch.load(out / "train_state.pt", weights_only=True)["optimizer"]
+    assert len(optimizers) == 1 and optimizers[0]["param_groups"][0]["betas"] == (0.9, 0.95)  # AdamW, never Muon
 
     run_cli("--ckpt", char_ckpt, "--out-dir", out, "--sample", "--prompt", "ROMEO:", "--max-new-tokens", 20)
     assert capsys.readouterr().out.startswith("ROMEO:")
@@ -287,7 +289,8 @@ def test_an_adapter_for_another_base_is_one_error_line(char_ckpt, tiny_corpus, t
     assert "does not fit this base model: its layers.0.attention.wq.lora_A has shape (8, 32), this model needs " \
            "(8, 64)" in cli_error("--ckpt", wider, "--out-dir", out, "--sample")
     assert "it lacks layers.2." in cli_error("--ckpt", deeper, "--out-dir", out, "--sample")
-    assert "no adapter at" in cli_error("--ckpt", char_ckpt, "--out-dir", tmp_path / "empty", "--sample")
+    assert "no adapter.pt in" in cli_error("--ckpt", char_ckpt, "--out-dir", tmp_path / "empty", "--sample")
+    assert "no train_state.pt in" in cli_error("--ckpt", char_ckpt, "--out-dir", tmp_path / "empty", "--resume")
     assert "--prompt 'Ω': characters not in the vocabulary" in cli_error("--ckpt", char_ckpt, "--out-dir", out,
                                                                          "--sample", "--prompt", "Ω")
 
