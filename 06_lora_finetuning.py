@@ -543,8 +543,8 @@ def demo(fig_dir: Path) -> None:
         losses.append(train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu",
                                      step))
         if (step + 1) % 20 == 0:
-            val_log.append((step + 1, estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu",
-                                                         nullcontext())))
+            val_loss = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext())
+            val_log.append((step + 1, val_loss))
     print(f"LoRA fine-tune, {cfg.max_iters} steps: val loss on this chapter {val_log[0][1]:.3f} -> "
           f"{val_log[-1][1]:.3f}")
 
