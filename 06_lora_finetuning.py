@@ -1,0 +1,678 @@
+"""Chapter 6: LoRA, fine-tuning Meta's Llama 3 (or your character model) on your own text.
+
+Full fine-tuning trains every weight. With AdamW in float32 each parameter costs 16 bytes (the weight,
+its gradient and two moments): about 20 GB for Llama 3.2 1B, before a single activation. LoRA
+(Low-Rank Adaptation, Hu et al. 2021) freezes the model and learns, beside each chosen matrix W,
+a small update of rank r:
+
+    y = W x + (alpha / r) B A x        W (out, in) frozen;  A (r, in), B (out, r) trained;  r << in, out
+
+The update B A has the shape of W but only r * (in + out) numbers. Rank 8 on all seven projections
+of Llama 3.2 1B (wq wk wv wo in attention, w1 w2 w3 in the feed-forward network) trains 5.6M
+parameters, 0.46% of the model, while the frozen weights stay in bfloat16 (2.47 GB).
+
+- A starts random (Kaiming-uniform, as nn.Linear's weight) and B at zero, as in peft: at step 0,
+  B A = 0 and the model is the base model, bit for bit. B's gradient is not zero (it is A x times
+  the output's gradient), so B moves at the first step and A follows.
+- alpha / r scales the update, so that a learning rate found at one rank still fits at another.
+- After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is
+  the base architecture again, with Meta's state-dict keys and no extra cost per token.
+- Only A and B are trained, by AdamW. They are 2-D matrices under `layers.`, which main.py's Muon
+  rule would take (Muon is for whole hidden matrices). They are kept in float32, as peft keeps them,
+  whatever the base's dtype: AdamW's small steps would vanish in bfloat16's 8-bit mantissa. The
+  forward pass uses them in the base's dtype, as autocast would.
+- Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so
+  an adapter exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
+
+The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches
+it this chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss
+falling, merged logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
+
+Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama).
+Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
+       python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
+       python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --sample --prompt "To be"
+       python 06_lora_finetuning.py --llama-dir Llama-3.2-1B --export-peft out/lora/peft
+       python 06_lora_finetuning.py --ckpt out/ckpt.pt --data my_text.txt   # main.py's character model
+       python 06_lora_finetuning.py --help                                   # every flag
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from main import (
+    ModelArgs,
+    TrainConfig,
+    Transformer,
+    check_prompt,
+    configure_optimizer,
+    estimate_loss,
+    generate,
+    learning_rates,
+    load_checkpoint,
+    model_from_checkpoint,
+    train_step,
+)
+from plumbing.runtime import Progress, Stopped, StopSignals, lock_out_dir, pick_device, save_checkpoint
+from plumbing.validators import non_negative_int, positive_float, positive_int, seed_type, temperature_type, top_p_type
+
+inputs = importlib.import_module("01_input_block")
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+
+# Meta's names of the seven projections in a block, and the submodule of TransformerBlock that holds each.
+TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+DEFAULT_LLAMA_SEQ_LEN = 256  # --seq-len for Meta's model: training windows and the sampling context
+DEFAULT_MAX_ITERS = 200
+SAVE_INTERVAL = 50  # steps between saves of the adapter during a fine-tune (a crash loses at most these)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) B A x.
+
+    The frozen weight keeps its attribute name, `weight`, so its state-dict key stays Meta's
+    (`layers.0.attention.wq.weight`); A and B sit beside it as `...wq.lora_A` and `...wq.lora_B`.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.weight = base.weight.requires_grad_(False)  # the same tensor: wrapping copies nothing
+        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16
+        like = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r), zero: B A = 0 at first
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features), in x's dtype."""
+        # The float32 matrices are used in x's dtype, as autocast would: casting A and B costs r * (in + out)
+        # numbers, casting x or the output would cost far more.
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # (..., r) scaled, then (..., out)
+        return F.linear(x, self.weight) + update  # (..., out): W x + (alpha / r) B A x
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str] = tuple(TARGETS)
+             ) -> Transformer:
+    """Freeze every parameter of `model`, then wrap the `targets` projections of every block in LoRALinear.
+
+    Args:
+        rank: r, between 1 and the smaller side of every adapted matrix.
+        alpha: the update is scaled by alpha / rank.
+        targets: Meta's names, e.g. ("wq", "wv"), or all seven (the default).
+    Returns:
+        the same model, changed in place: only the LoRA matrices require grad.
+    Raises:
+        ValueError: an unknown target, a rank that does not fit, or a model that already has LoRA.
+    """
+    targets = list(dict.fromkeys(targets))  # in order, once each
+    hf_names = {hf.split(".")[-1]: meta.split(".")[-1] for hf, meta in llama.HF_LAYER_NAMES.items()
+                if meta.split(".")[-1] in TARGETS}  # "q_proj" -> "wq"
+    for target in targets:
+        if target not in TARGETS:
+            hint = f"; {target} is Hugging Face's name for {hf_names[target]}" if target in hf_names else ""
+            raise ValueError(f"unknown LoRA target {target!r}: choose among {','.join(TARGETS)} (Meta's names{hint})")
+    if not targets:
+        raise ValueError("no LoRA target: name at least one of " + ",".join(TARGETS))
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA layers: start from the base model")
+    linears = {f"layers.{i}.{TARGETS[t]}.{t}": getattr(getattr(layer, TARGETS[t]), t)
+               for i, layer in enumerate(model.layers) for t in targets}
+    name, smallest = min(linears.items(), key=lambda item: min(item[1].weight.shape))
+    if not 1 <= rank <= min(smallest.weight.shape):  # beyond that B A is no longer low-rank
+        raise ValueError(f"rank {rank} does not fit: it must be between 1 and {min(smallest.weight.shape)}, the "
+                         f"smaller side of {name} ({smallest.out_features} x {smallest.in_features})")
+    model.requires_grad_(False)
+    for name, linear in linears.items():
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, LoRALinear(linear, rank, alpha))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of the model by its path, e.g. {"layers.0.attention.wq": ...}."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every update into its weight, W <- W + (alpha / r) B A (summed in float32, stored in W's dtype),
+    and put plain nn.Linear layers back: the state-dict keys are exactly the base's again.
+
+    Returns:
+        the same model, changed in place (still frozen).
+    """
+    for name, module in lora_modules(model).items():
+        module.weight.copy_(module.weight.float() + module.scale * (module.lora_B @ module.lora_A))  # (out, in)
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")  # no new memory
+        linear.weight = module.weight
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, linear)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, keyed as in model.state_dict(): "layers.0.attention.wq.lora_A", "...lora_B"."""
+    return {name: t for name, t in model.state_dict().items() if name.endswith((".lora_A", ".lora_B"))}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, lora: dict[str, torch.Tensor], source: str) -> None:
+    """Copy an adapter's tensors into the model's LoRA matrices, strictly (every name, every shape).
+
+    Raises:
+        ValueError: the adapter was made for another base (names or shapes differ); `source` names it.
+    """
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(expected.keys() - lora.keys()), sorted(lora.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this base model: " + "; ".join(
+            f"{what} {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
+            for what, names in (("it lacks", missing), ("it has no place for", unexpected)) if names))
+    for name, tensor in lora.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{source} does not fit this base model: its {name} has shape {tuple(tensor.shape)}, "
+                             f"this model needs {tuple(expected[name].shape)}")
+        model.get_parameter(name).copy_(tensor)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied matrix counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------- adapters on disk
+
+
+@dataclass
+class LoRAConfig:
+    """What add_lora needs; the training settings are TrainConfig's."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+
+
+def load_adapter(path: Path) -> dict:
+    """Read adapter.pt (or train_state.pt): tensors and plain data only, like every checkpoint here.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: not an adapter of this script.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}: fine-tune into --out-dir {path.parent} first")
+    try:
+        adapter = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file; all mean the same here
+        raise ValueError(f"{path} is not a readable adapter ({type(e).__name__}); fine-tune again") from e
+    if not isinstance(adapter, dict) or {"lora", "lora_config", "train_config", "seq_len", "step"} - adapter.keys():
+        raise ValueError(f"{path} is not an adapter written by 06_lora_finetuning.py")
+    return adapter
+
+
+def apply_adapter(model: Transformer, adapter: dict, source: str) -> LoRAConfig:
+    """add_lora with the adapter's settings, then its tensors. Returns those settings."""
+    lora_cfg = LoRAConfig(**adapter["lora_config"])
+    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    load_lora_state_dict(model, adapter["lora"], source)
+    return lora_cfg
+
+
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of chapter 5's unpermute_hf: Meta's row order in wq or wk (or in B, whose rows are
+    W's rows) -> Hugging Face's. Within each head, rows (2i, 2i + 1) become rows (i, head_dim/2 + i).
+
+    (n_heads * head_dim, cols) -> (n_heads * head_dim, cols)
+    """
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]:
+    """Write the model's LoRA matrices as peft saves a LoRA adapter of transformers' LlamaForCausalLM:
+    adapter_config.json and adapter_model.safetensors, with Hugging Face's names and q/k row order.
+
+    Returns:
+        the two paths written.
+    """
+    from safetensors.torch import save_file
+
+    meta_to_hf = {meta: hf for hf, meta in llama.HF_LAYER_NAMES.items()}  # "attention.wq" -> "self_attn.q_proj"
+    heads = {"wq": model.params.n_heads, "wk": model.params.n_kv_heads or model.params.n_heads}
+    tensors, targets = {}, set()
+    for name, module in lora_modules(model).items():  # "layers.3.attention.wq"
+        _, i, block, proj = name.split(".")
+        hf_name = meta_to_hf[f"{block}.{proj}"]  # "self_attn.q_proj"
+        lora_B = module.lora_B.detach()  # (out, r): its rows are W's rows, in Meta's order
+        if proj in heads:
+            lora_B = permute_meta_to_hf(lora_B, heads[proj])
+        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_A.weight"] = module.lora_A.detach().contiguous()
+        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_B.weight"] = lora_B.contiguous()
+        targets.add(hf_name.split(".")[-1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+              "r": module.rank, "lora_alpha": module.alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "adapter_config.json", out_dir / "adapter_model.safetensors"]
+    paths[0].write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, paths[1], metadata={"format": "pt"})
+    return paths
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eval_iters: int, seed: int,
+                      grad_accum: int = 1) -> TrainConfig:
+    """TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (transformers' Trainer default), a short
+    warmup, then a cosine down to a tenth of the peak at max_iters."""
+    return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_iters=max_iters, learning_rate=learning_rate,
+                       min_lr=learning_rate / 10, warmup_iters=max(1, max_iters // 20), lr_decay_iters=max_iters,
+                       weight_decay=0.0, eval_iters=eval_iters, seed=seed, optimizer="adamw", schedule="cosine")
+
+
+def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], train_data: np.ndarray,
+                   cfg: TrainConfig, seq_len: int, bos_id: int, generator: torch.Generator, device: str,
+                   step: int) -> float:
+    """main.py's train_step on grad_accum fresh micro-batches, at the learning rates of `step`: with LoRA, only
+    A and B have gradients, so only they move. Returns the loss."""
+    batches = [inputs.get_batch(train_data, cfg.batch_size, seq_len, bos_id, generator, device)
+               for _ in range(cfg.grad_accum)]
+    lrs = list(learning_rates(step, optimizers, cfg).values())
+    return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
+
+
+def load_base(args: argparse.Namespace, seq_len: int | None, device: str
+              ) -> tuple[Transformer, inputs.CharTokenizer | llama.Llama3Tokenizer, int]:
+    """The frozen base model and its tokenizer: Meta's Llama 3 (--llama-dir) or main.py's character model
+    (--ckpt), in --dtype or its own dtype. Returns (model, tokenizer, seq_len)."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.llama_dir is not None:
+        seq_len = seq_len or DEFAULT_LLAMA_SEQ_LEN
+        model, tokenizer = llama.load_llama(args.llama_dir, seq_len, dtype, device,
+                                            log=lambda line: print(line, file=sys.stderr))
+        return model, tokenizer, seq_len
+    checkpoint = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(checkpoint).to(device, dtype)
+    seq_len = seq_len or model.params.max_seq_len
+    if seq_len > model.params.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is longer than the context {model.params.max_seq_len} that "
+                         f"{args.ckpt} was trained with")
+    return model, inputs.CharTokenizer.from_dict(checkpoint["tokenizer"]), seq_len
+
+
+def finetune(args: argparse.Namespace, t_start: float) -> None:
+    """Fine-tune LoRA on --data from the flags (or --resume), writing out-dir/adapter.pt, train_state.pt
+    and metrics.json."""
+    out_dir: Path = args.out_dir
+    state_path, adapter_path = out_dir / "train_state.pt", out_dir / "adapter.pt"
+    state = load_adapter(state_path) if args.resume else None
+    if state is None:
+        lora_cfg = LoRAConfig(args.rank, args.alpha, tuple(args.targets))
+        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
+                                args.eval_iters, args.seed, args.grad_accum)
+        seq_len = args.seq_len
+    else:  # the run's own settings; only --max-iters may change
+        lora_cfg, seq_len = LoRAConfig(**state["lora_config"]), state["seq_len"]
+        cfg = TrainConfig(**state["train_config"])
+        cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
+
+    # ---- the base, frozen, and the text
+    device = pick_device(args.device)
+    model, tokenizer, seq_len = load_base(args, seq_len, device)
+    text = inputs.load_text(args.data)
+    try:
+        data = np.array(tokenizer.encode(text), dtype=np.int64)
+    except ValueError as e:  # a character model meets a character it never saw
+        raise ValueError(f"--data {args.data}: {e}") from e
+    train_data, val_data = inputs.train_val_split(data)
+    if min(len(train_data), len(val_data)) < seq_len:
+        raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "
+                         f"its last 10% must each hold one window); give a longer text or a smaller --seq-len")
+
+    # ---- LoRA and its optimizer
+    torch.manual_seed(cfg.seed)  # A's random start
+    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step, losses = 0, []
+    if state is not None:
+        load_lora_state_dict(model, state["lora"], str(state_path))
+        for optimizer, saved in zip(optimizers, state["optimizer"], strict=True):
+            optimizer.load_state_dict(saved)
+        data_gen.set_state(state["data_rng"])
+        step, losses, val_before = state["step"], state["losses"], state["val_loss_before"]
+        print(f"resumed from {state_path} at step {step}")
+    trainable, total = count_parameters(model)
+    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
+          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
+          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
+    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
+          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
+          f"{cfg.batch_size})")
+    if state is None:
+        val_before = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
+    print(f"val loss before fine-tuning: {val_before:.4f}")
+
+    def save() -> None:
+        """adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs)."""
+        adapter = {"lora": lora_state_dict(model), "lora_config": asdict(lora_cfg), "train_config": asdict(cfg),
+                   "seq_len": seq_len, "step": step, "base": str(args.llama_dir or args.ckpt)}
+        save_checkpoint(state_path, {**adapter, "optimizer": [o.state_dict() for o in optimizers],
+                                     "data_rng": data_gen.get_state(), "losses": losses,
+                                     "val_loss_before": val_before})
+        save_checkpoint(adapter_path, adapter)
+
+    # ---- the loop: AdamW on A and B; Ctrl-C or SIGTERM saves, then --resume continues
+    progress = Progress(cfg.max_iters, step, cfg.grad_accum * cfg.batch_size * seq_len, args.log_interval)
+    model.train()  # the base's dropout, if it has any, as in its own training
+    with StopSignals() as stop:
+        while step < cfg.max_iters:
+            t0 = time.perf_counter()
+            loss = train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, data_gen, device,
+                                  step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at step {step}: training diverged; "
+                                         f"try a lower --learning-rate")
+            progress.update(step + 1, loss, learning_rates(step, optimizers, cfg), time.perf_counter() - t0)
+            step += 1
+            losses.append(loss)
+            if step % SAVE_INTERVAL == 0 or stop.signum:
+                save()
+            if stop.signum:
+                progress.close()
+                flags = " ".join(f"{flag} {value}" for flag, value in (
+                    ("--llama-dir", args.llama_dir), ("--ckpt", args.ckpt), ("--dtype", args.dtype),
+                    ("--data", args.data)) if value)
+                print(f"\ninterrupted at step {step}: adapter saved to {adapter_path}.\ncontinue with: "
+                      f"python 06_lora_finetuning.py {flags} --resume --out-dir {out_dir}")
+                raise Stopped(stop.signum)
+        progress.close()
+        save()
+    val_after = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
+    print(f"val loss after fine-tuning: {val_after:.4f} (before: {val_before:.4f})")
+    metrics = {"val_loss_before": val_before, "val_loss_after": val_after, "train_losses": losses,
+               "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
+               "iters": step, **asdict(lora_cfg), "device": device, "wall_s": time.perf_counter() - t_start}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"wrote {adapter_path}, {state_path} and {out_dir / 'metrics.json'}")
+
+
+def use_adapter(args: argparse.Namespace) -> None:
+    """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
+    if args.export_peft is not None and args.llama_dir is None:
+        raise ValueError("--export-peft needs --llama-dir: peft adapts transformers' LlamaForCausalLM, "
+                         "which main.py's character model is not")
+    adapter_path = args.out_dir / "adapter.pt"
+    adapter = load_adapter(adapter_path)
+    device = pick_device(args.device)
+    model, tokenizer, _ = load_base(args, args.seq_len or adapter["seq_len"], device)
+    apply_adapter(model, adapter, str(adapter_path))
+    if args.export_peft is not None:
+        paths = export_peft(model, args.export_peft, str(args.llama_dir))
+        print(f"wrote {' and '.join(map(str, paths))}: load them with "
+              f"peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(...), {str(args.export_peft)!r})")
+    if args.sample:
+        check_prompt(tokenizer, args.prompt)
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                        torch.Generator().manual_seed(args.seed))
+        print(f"{args.prompt}{text}")
+
+
+# ----------------------------------------------------------------------------- the demo and its figure
+
+# params.json of Llama 3.2 1B, for the figure's counts (built on the meta device: shapes, no memory).
+LLAMA_32_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.5)
+DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
+                   "04_feedforward_and_transformer_block.py"]
+
+
+def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
+    """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
+    with torch.device("meta"):
+        model = Transformer(LLAMA_32_1B)
+    model.output.weight = model.tok_embeddings.weight  # tied, as in Llama 3.2 1B
+    n_total = count_parameters(model)[1]
+    return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
+
+
+def plot_figure(n_total: int, n_lora: int, losses: list[float], val_log: list[tuple[int, float]],
+                fig_dir: Path) -> Path:
+    """Left: the memory that AdamW's parameters take in a fine-tune of Llama 3.2 1B, full against LoRA
+    (16 bytes per trained parameter: float32 weight, gradient, two moments; a frozen bfloat16 weight, 2 bytes).
+    Right: the demo's LoRA fine-tune."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (mem_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=[1, 1.1])
+    runs = ["full fine-tune\n(float32)", "LoRA, rank 8\n(base in bfloat16)"]
+    parts = {"weights": [4 * n_total, 2 * n_total + 4 * n_lora], "gradients": [4 * n_total, 4 * n_lora],
+             "AdamW moments": [8 * n_total, 8 * n_lora]}  # bytes
+    left = np.zeros(len(runs))
+    for (part, sizes), color in zip(parts.items(), ["tab:blue", "tab:orange", "tab:green"], strict=True):
+        mem_ax.barh(runs, np.array(sizes) / 1e9, left=left, color=color, label=part)
+        left += np.array(sizes) / 1e9
+    mem_ax.bar_label(mem_ax.containers[-1], [f"{left[0]:.1f} GB", f"{left[1]:.1f} GB\n(LoRA's matrices, gradients\n"
+                                             f"and moments: {16 * n_lora / 1e9:.2f} GB)"], padding=4)
+    mem_ax.invert_yaxis()
+    mem_ax.set_xlim(0, left.max() * 1.2)
+    mem_ax.set(title=f"Fine-tuning Llama 3.2 1B with AdamW: memory of the parameters\n(LoRA trains "
+                     f"{n_lora:,} of {n_total:,}, {n_lora / n_total:.2%})", xlabel="GB (activations not included)")
+    mem_ax.legend(loc="lower right")
+
+    loss_ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", alpha=0.35, label="train loss (each step)")
+    steps, val_losses = zip(*val_log, strict=True)
+    loss_ax.plot(steps, val_losses, "o-", color="tab:red", label="val loss (this chapter's last 10%)")
+    loss_ax.axhline(val_losses[0], color="gray", ls="--", label=f"the base: val {val_losses[0]:.2f}")
+    loss_ax.set(title="The demo: a tiny LLaMA 3 trained on chapters 1-4 learns chapter 6\n"
+                      "with LoRA (rank 8, the base frozen)",
+                xlabel="LoRA step", ylabel="cross-entropy (nats per character)")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
+    fig.tight_layout()
+    path = fig_dir / "06_lora.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def demo(fig_dir: Path) -> None:
+    """A tiny LLaMA 3 trained on chapters 1-4's code learns this chapter's code through LoRA; the invariants shown."""
+    torch.manual_seed(0)
+    here = Path(__file__).resolve().parent
+    old_text = "".join((here / name).read_text(encoding="utf-8") for name in DEMO_BASE_TEXTS)
+    new_text = Path(__file__).read_text(encoding="utf-8")
+    tokenizer = inputs.CharTokenizer.from_text(old_text + new_text)
+    old_data = np.array(tokenizer.encode(old_text), dtype=np.int64)
+    train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(new_text), dtype=np.int64))
+    seq_len, generator = 64, torch.Generator().manual_seed(0)
+
+    # ---- the base: every weight trained, briefly, on the old text (main.py's way, in miniature)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                                  max_seq_len=seq_len))
+    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    for step in range(cfg.max_iters):
+        train_one_step(model, optimizers, old_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
+    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
+          f"{cfg.max_iters} steps on chapters 1-4 ({len(old_text):,} characters); new text: this chapter")
+
+    # ---- LoRA: the base frozen, B = 0, so nothing changes yet
+    tokens = inputs.inputs_for(torch.from_numpy(val_data[:seq_len])[None], tokenizer.bos_id)  # (1, seq_len)
+    with torch.no_grad():
+        base_logits = model(tokens)[0]  # (1, seq_len, vocab_size)
+    add_lora(model, rank=8, alpha=16.0)
+    trainable, total = count_parameters(model)
+    print(f"add_lora(rank 8, alpha 16, all seven projections): {trainable:,} trainable of {total:,} "
+          f"parameters ({trainable / total:.1%})")
+    with torch.no_grad():
+        diff = (model(tokens)[0] - base_logits).abs().max().item()
+    print(f"step 0: logits with LoRA against the base's: max |diff| = {diff} (should be 0.0: B starts at zero)")
+
+    # ---- the fine-tune: AdamW on A and B only
+    cfg = lora_train_config(max_iters=120, batch_size=8, learning_rate=1e-2, eval_iters=4, seed=0)
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    val_log = [(0, estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext()))]
+    losses = []
+    for step in range(cfg.max_iters):
+        losses.append(train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu",
+                                     step))
+        if (step + 1) % 20 == 0:
+            val_loss = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext())
+            val_log.append((step + 1, val_loss))
+    print(f"LoRA fine-tune, {cfg.max_iters} steps: val loss on this chapter {val_log[0][1]:.3f} -> "
+          f"{val_log[-1][1]:.3f}")
+
+    # ---- merging: W + (alpha / r) B A, and Meta's keys again
+    with torch.no_grad():
+        lora_logits = model(tokens)[0]
+        merge_lora(model)
+        diff = ((model(tokens)[0] - lora_logits).abs().max() / lora_logits.abs().max()).item()
+    same_keys = model.state_dict().keys() == Transformer(model.params).state_dict().keys()
+    print(f"merge_lora: merged logits against unmerged: max |diff| / max |logit| = {diff:.0e} (should be under "
+          f"1e-5: only float32's rounding differs between (W + s B A) x and W x + s B A x); state-dict keys are "
+          f"Meta's again: {same_keys} (should be True)")
+
+    n_total, n_lora = llama_32_1b_counts(rank=8)
+    print(f"Llama 3.2 1B, rank 8 on all seven projections: {n_lora:,} trainable parameters, "
+          f"{n_lora / n_total:.2%} of {n_total:,}")
+    print(f"figure: {plot_figure(n_total, n_lora, losses, val_log, fig_dir)}")
+    print("caption: LoRA's frozen bfloat16 base and small float32 matrices need about an eighth of a full "
+          "fine-tune's memory; the tiny model learns a new text with only its LoRA matrices trained.")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def comma_list(s: str) -> list[str]:
+    """'wq, wv' -> ['wq', 'wv'] (add_lora checks the names)."""
+    return [part.strip() for part in s.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Chapter 6: LoRA fine-tuning of Meta's Llama 3 (--llama-dir) or of a character model that "
+                    "main.py trained (--ckpt). Without either, the chapter's demo runs (seconds, no download).")
+    b = p.add_argument_group("the base model (frozen)")
+    b.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
+                   help="Meta's Llama 3 in Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or "
+                        "Hugging Face's (config.json, model*.safetensors), as chapter 5 loads it")
+    b.add_argument("--ckpt", type=Path, default=None, metavar="PATH",
+                   help="a character model that main.py trained, e.g. out/ckpt.pt")
+    b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the frozen base's dtype (default: the checkpoint's: bfloat16 for Meta's files, float32 for "
+                        "main.py's); LoRA's matrices are stored in float32 whatever this is")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--rank", type=int, default=LoRAConfig.rank,
+                    help="r, the rank of each update B A: from 1 to the smaller side of the smallest adapted "
+                         "matrix (default: %(default)s)")
+    lo.add_argument("--alpha", type=positive_float, default=LoRAConfig.alpha,
+                    help="the update is scaled by alpha / rank (default: %(default)s)")
+    lo.add_argument("--targets", type=comma_list, default=list(TARGETS), metavar="LIST",
+                    help="comma-separated Meta names of the projections to adapt in every block: wq,wk,wv,wo "
+                         "(attention), w1,w2,w3 (feed-forward) (default: all seven)")
+
+    t = p.add_argument_group("fine-tuning (writes out-dir/adapter.pt, train_state.pt and metrics.json)")
+    t.add_argument("--data", default=None, metavar="FILE",
+                   help="UTF-8 text file to fine-tune on (default: data/tinyshakespeare.txt, downloaded if missing); "
+                        "its first 90%% trains, its last 10%% gives the val loss before and after")
+    t.add_argument("--out-dir", type=Path, default=Path("out/lora"), metavar="DIR",
+                   help="where the adapter goes (default: %(default)s)")
+    t.add_argument("--max-iters", type=positive_int, default=None,
+                   help=f"optimizer steps (default: {DEFAULT_MAX_ITERS}; with --resume: the run's own)")
+    t.add_argument("--batch-size", type=positive_int, default=1,
+                   help="windows per micro-batch, and per val batch (default: %(default)s)")
+    t.add_argument("--grad-accum", type=positive_int, default=4,
+                   help="micro-batches per step: the update of one batch of batch-size x grad-accum windows, with "
+                        "the memory of one micro-batch (default: %(default)s)")
+    t.add_argument("--seq-len", type=positive_int, default=None,
+                   help=f"tokens per window, each opening with <|begin_of_text|>; with --sample the context "
+                        f"(default: {DEFAULT_LLAMA_SEQ_LEN} for --llama-dir, the context of --ckpt's model)")
+    t.add_argument("--learning-rate", type=positive_float, default=2e-4,
+                   help="AdamW's peak learning rate, after a warmup of 5%% of the steps and before a cosine decay "
+                        "to a tenth (default: %(default)s)")
+    t.add_argument("--eval-iters", type=positive_int, default=40,
+                   help="val batches for the loss before and after (the same batches both times; default: %(default)s)")
+    t.add_argument("--seed", type=seed_type, default=1337,
+                   help="seeds A's start, the batches and sampling (default: %(default)s)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the fine-tune saved in out-dir/train_state.pt (after Ctrl-C or SIGTERM) with its "
+                        "own settings; only --max-iters may change")
+    t.add_argument("--log-interval", type=positive_int, default=10,
+                   help="when the output goes to a file: one line every N steps instead of a progress bar "
+                        "(default: %(default)s)")
+
+    u = p.add_argument_group("using the adapter in out-dir/adapter.pt (no training)")
+    u.add_argument("--sample", action="store_true", help="generate from --prompt with the base plus the adapter")
+    u.add_argument("--prompt", default="ROMEO:", help="text to continue (default: %(default)s)")
+    u.add_argument("--max-new-tokens", type=non_negative_int, default=200,
+                   help="tokens to generate (default: %(default)s)")
+    u.add_argument("--temperature", type=temperature_type, default=0.8, help="0 is greedy (default: %(default)s)")
+    u.add_argument("--top-p", type=top_p_type, default=0.9, help="nucleus sampling in (0, 1] (default: %(default)s)")
+    u.add_argument("--export-peft", type=Path, default=None, metavar="DIR",
+                   help="with --llama-dir: write the adapter as peft saves one (adapter_config.json, "
+                        "adapter_model.safetensors) for transformers' LlamaForCausalLM of the same base")
+
+    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), metavar="DIR",
+                   help="the demo's figure goes here (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    try:
+        using = args.sample or args.export_peft is not None
+        if args.llama_dir is None and args.ckpt is None:
+            given = [flag for flag, on in (("--data", args.data), ("--resume", args.resume), ("--sample", args.sample),
+                                           ("--export-peft", args.export_peft)) if on]
+            if given:
+                raise ValueError(f"{', '.join(given)} needs a base model: --llama-dir DIR or --ckpt PATH")
+            demo(args.fig_dir)
+        elif args.llama_dir is not None and args.ckpt is not None:
+            raise ValueError("give one base model: --llama-dir or --ckpt, not both")
+        elif using and args.resume:
+            raise ValueError("--resume continues a fine-tune; --sample and --export-peft only use its adapter")
+        elif using:
+            use_adapter(args)
+        else:
+            with lock_out_dir(args.out_dir):  # one fine-tune per out-dir, refused before any work
+                finetune(args, t_start)
+    except Stopped as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (OSError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
