@@ -47,7 +47,7 @@ import sys
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,7 @@ from main import (
 )
 from plumbing import lora_cli
 from plumbing.lora_cli import load_adapter
+from plumbing.reports import write_metrics
 from plumbing.runtime import Progress, StopSignals, lock_out_dir, pick_device, save_checkpoint
 
 inputs = importlib.import_module("01_input_block")
@@ -288,6 +289,111 @@ def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], 
     return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
 
 
+@dataclass
+class FineTune:
+    """One LoRA fine-tune: its settings, data, model and optimizer, and what changes as it goes. With the LoRA
+    matrices and AdamW's state, step, losses, the batch stream and val_before are all that --resume needs."""
+
+    lora_cfg: LoRAConfig
+    cfg: TrainConfig
+    seq_len: int
+    model: Transformer
+    bos_id: int
+    train_data: np.ndarray
+    val_data: np.ndarray
+    optimizers: list[torch.optim.Optimizer]
+    data_gen: torch.Generator  # the stream of batches: the same state gives the same batches
+    device: str
+    out_dir: Path
+    base: str  # --llama-dir or --ckpt, recorded in the adapter
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # every step's train loss
+    val_before: float = float("nan")
+
+    def val_loss(self) -> float:
+        """The val loss on eval_iters batches, the same batches every call."""
+        return estimate_loss(self.model, self.val_data, self.cfg, self.seq_len, self.bos_id, self.device,
+                             nullcontext())
+
+
+def finetune(args: argparse.Namespace, t_start: float) -> None:
+    """Fine-tune LoRA on --data (or --resume a fine-tune), writing out-dir/adapter.pt, train_state.pt and
+    metrics.json."""
+    run = set_up(args)
+    cfg = run.cfg
+    progress = Progress(cfg.max_iters, run.step, cfg.grad_accum * cfg.batch_size * run.seq_len, args.log_interval)
+    run.model.train()  # the base's dropout, if it has any, as in its own training
+    with StopSignals() as stop:
+        while run.step < cfg.max_iters:
+            # one step: grad_accum micro-batches, then AdamW on A and B at the scheduled learning rate
+            t0 = time.perf_counter()
+            loss = train_one_step(run.model, run.optimizers, run.train_data, cfg, run.seq_len, run.bos_id,
+                                  run.data_gen, run.device, run.step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at step {run.step}: training diverged; "
+                                         f"try a lower --learning-rate")
+            progress.update(run.step + 1, loss, learning_rates(run.step, run.optimizers, cfg), time.perf_counter() - t0)
+            run.step += 1
+            run.losses.append(loss)
+
+            # save now and then, and on Ctrl-C or SIGTERM, after which --resume continues
+            if run.step % SAVE_INTERVAL == 0 or stop.signum:
+                save(run)
+            if stop.signum:
+                progress.close()
+                raise lora_cli.interrupted(stop.signum, run.step, args)
+        progress.close()
+        save(run)
+    finish(run, progress, t_start)
+
+
+def set_up(args: argparse.Namespace) -> FineTune:
+    """Everything a fine-tune needs: the settings, the frozen base and the text, then LoRA and AdamW, new or as
+    out-dir/train_state.pt left them (--resume). Prints what it built and the val loss before."""
+    state_path = args.out_dir / "train_state.pt"
+    saved = load_adapter(state_path) if args.resume else None
+    lora_cfg, cfg, seq_len = run_settings(args, saved)
+    device = pick_device(args.device)
+    model, tokenizer, seq_len = load_base(args, seq_len, device)
+    train_data, val_data = load_data(args.data, tokenizer, seq_len)
+
+    torch.manual_seed(cfg.seed)  # A's random start
+    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
+    run = FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
+                   torch.Generator().manual_seed(cfg.seed), device, args.out_dir, str(args.llama_dir or args.ckpt))
+    if saved is not None:
+        load_lora_state_dict(model, saved["lora"], str(state_path))
+        for optimizer, optimizer_state in zip(optimizers, saved["optimizer"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        run.data_gen.set_state(saved["data_rng"])
+        run.step, run.losses, run.val_before = saved["step"], saved["losses"], saved["val_loss_before"]
+        print(f"resumed from {state_path} at step {run.step}")
+    trainable, total = count_parameters(model)
+    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
+          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
+          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
+    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
+          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
+          f"{cfg.batch_size})")
+    if saved is None:
+        run.val_before = run.val_loss()
+    print(f"val loss before fine-tuning: {run.val_before:.4f}")
+    return run
+
+
+def run_settings(args: argparse.Namespace, saved: dict | None) -> tuple[LoRAConfig, TrainConfig, int | None]:
+    """LoRA's settings, the training's, and --seq-len (None: the base's default). From the flags, or with --resume
+    the saved run's own, of which only --max-iters may change."""
+    if saved is None:
+        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
+                                args.eval_iters, args.seed, args.grad_accum)
+        return LoRAConfig(args.rank, args.alpha, tuple(args.targets)), cfg, args.seq_len
+    cfg = TrainConfig(**saved["train_config"])
+    cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
+    return LoRAConfig(**saved["lora_config"]), cfg, saved["seq_len"]
+
+
 def load_base(args: argparse.Namespace, seq_len: int | None, device: str
               ) -> tuple[Transformer, inputs.CharTokenizer | llama.Llama3Tokenizer, int]:
     """The frozen base model and its tokenizer: Meta's Llama 3 (--llama-dir) or main.py's character model
@@ -307,96 +413,42 @@ def load_base(args: argparse.Namespace, seq_len: int | None, device: str
     return model, inputs.CharTokenizer.from_dict(checkpoint["tokenizer"]), seq_len
 
 
-def finetune(args: argparse.Namespace, t_start: float) -> None:
-    """Fine-tune LoRA on --data from the flags (or --resume), writing out-dir/adapter.pt, train_state.pt
-    and metrics.json."""
-    out_dir: Path = args.out_dir
-    state_path, adapter_path = out_dir / "train_state.pt", out_dir / "adapter.pt"
-    state = load_adapter(state_path) if args.resume else None
-    if state is None:
-        lora_cfg = LoRAConfig(args.rank, args.alpha, tuple(args.targets))
-        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
-                                args.eval_iters, args.seed, args.grad_accum)
-        seq_len = args.seq_len
-    else:  # the run's own settings; only --max-iters may change
-        lora_cfg, seq_len = LoRAConfig(**state["lora_config"]), state["seq_len"]
-        cfg = TrainConfig(**state["train_config"])
-        cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
-
-    # ---- the base, frozen, and the text
-    device = pick_device(args.device)
-    model, tokenizer, seq_len = load_base(args, seq_len, device)
-    text = inputs.load_text(args.data)
+def load_data(path: str | None, tokenizer: inputs.CharTokenizer | llama.Llama3Tokenizer, seq_len: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """--data as the base tokenizer's ids, split 90/10. Returns (train_data, val_data)."""
+    text = inputs.load_text(path)
     try:
         data = np.array(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:  # a character model meets a character it never saw
-        raise ValueError(f"--data {args.data}: {e}") from e
+        raise ValueError(f"--data {path}: {e}") from e
     train_data, val_data = inputs.train_val_split(data)
     if min(len(train_data), len(val_data)) < seq_len:
         raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "
                          f"its last 10% must each hold one window); give a longer text or a smaller --seq-len")
+    return train_data, val_data
 
-    # ---- LoRA and its optimizer
-    torch.manual_seed(cfg.seed)  # A's random start
-    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
-    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    step, losses = 0, []
-    if state is not None:
-        load_lora_state_dict(model, state["lora"], str(state_path))
-        for optimizer, saved in zip(optimizers, state["optimizer"], strict=True):
-            optimizer.load_state_dict(saved)
-        data_gen.set_state(state["data_rng"])
-        step, losses, val_before = state["step"], state["losses"], state["val_loss_before"]
-        print(f"resumed from {state_path} at step {step}")
-    trainable, total = count_parameters(model)
-    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
-          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
-          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
-    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
-          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
-          f"{cfg.batch_size})")
-    if state is None:
-        val_before = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
-    print(f"val loss before fine-tuning: {val_before:.4f}")
 
-    def save() -> None:
-        """adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs)."""
-        adapter = {"lora": lora_state_dict(model), "lora_config": asdict(lora_cfg), "train_config": asdict(cfg),
-                   "seq_len": seq_len, "step": step, "base": str(args.llama_dir or args.ckpt)}
-        save_checkpoint(state_path, {**adapter, "optimizer": [o.state_dict() for o in optimizers],
-                                     "data_rng": data_gen.get_state(), "losses": losses,
-                                     "val_loss_before": val_before})
-        save_checkpoint(adapter_path, adapter)
+def save(run: FineTune) -> None:
+    """out-dir/adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs),
+    each written atomically."""
+    adapter = {"lora": lora_state_dict(run.model), "lora_config": asdict(run.lora_cfg),
+               "train_config": asdict(run.cfg), "seq_len": run.seq_len, "step": run.step, "base": run.base}
+    save_checkpoint(run.out_dir / "train_state.pt", {
+        **adapter, "optimizer": [o.state_dict() for o in run.optimizers], "data_rng": run.data_gen.get_state(),
+        "losses": run.losses, "val_loss_before": run.val_before})
+    save_checkpoint(run.out_dir / "adapter.pt", adapter)
 
-    # ---- the loop: AdamW on A and B; Ctrl-C or SIGTERM saves, then --resume continues
-    progress = Progress(cfg.max_iters, step, cfg.grad_accum * cfg.batch_size * seq_len, args.log_interval)
-    model.train()  # the base's dropout, if it has any, as in its own training
-    with StopSignals() as stop:
-        while step < cfg.max_iters:
-            t0 = time.perf_counter()
-            loss = train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, data_gen, device,
-                                  step)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at step {step}: training diverged; "
-                                         f"try a lower --learning-rate")
-            progress.update(step + 1, loss, learning_rates(step, optimizers, cfg), time.perf_counter() - t0)
-            step += 1
-            losses.append(loss)
-            if step % SAVE_INTERVAL == 0 or stop.signum:
-                save()
-            if stop.signum:
-                progress.close()
-                raise lora_cli.interrupted(stop.signum, step, args)
-        progress.close()
-        save()
-    val_after = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
-    print(f"val loss after fine-tuning: {val_after:.4f} (before: {val_before:.4f})")
-    metrics = {"val_loss_before": val_before, "val_loss_after": val_after, "train_losses": losses,
-               "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
-               "iters": step, **asdict(lora_cfg), "device": device, "wall_s": time.perf_counter() - t_start}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"wrote {adapter_path}, {state_path} and {out_dir / 'metrics.json'}")
+
+def finish(run: FineTune, progress: Progress, t_start: float) -> None:
+    """After the last step: the val loss after against before, and out-dir/metrics.json."""
+    val_after = run.val_loss()
+    print(f"val loss after fine-tuning: {val_after:.4f} (before: {run.val_before:.4f})")
+    trainable, total = count_parameters(run.model)
+    write_metrics(run.out_dir / "metrics.json", {
+        "val_loss_before": run.val_before, "val_loss_after": val_after, "train_losses": run.losses,
+        "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
+        "iters": run.step, **asdict(run.lora_cfg), "device": run.device, "wall_s": time.perf_counter() - t_start})
+    print(f"wrote {run.out_dir / 'adapter.pt'}, {run.out_dir / 'train_state.pt'} and {run.out_dir / 'metrics.json'}")
 
 
 def use_adapter(args: argparse.Namespace) -> None:
