@@ -1,34 +1,33 @@
 """Chapter 6: LoRA, fine-tuning Meta's Llama 3 (or your character model) on your own text.
 
-Full fine-tuning trains every weight. With AdamW in float32 each parameter costs 16 bytes (the weight,
-its gradient and two moments): about 20 GB for Llama 3.2 1B, before a single activation. LoRA
-(Low-Rank Adaptation, Hu et al. 2021) freezes the model and learns, beside each chosen matrix W,
-a small update of rank r:
+Full fine-tuning trains every weight. With AdamW in float32 each parameter costs 16 bytes (the weight, its
+gradient and two moments): about 20 GB for Llama 3.2 1B, before a single activation. LoRA (Low-Rank Adaptation,
+Hu et al. 2021) freezes the model and learns, beside each chosen matrix W, a small update of rank r:
 
     y = W x + (alpha / r) B A x        W (out, in) frozen;  A (r, in), B (out, r) trained;  r << in, out
 
-The update B A has the shape of W but only r * (in + out) numbers. Rank 8 on all seven projections
-of Llama 3.2 1B (wq wk wv wo in attention, w1 w2 w3 in the feed-forward network) trains 5.6M
-parameters, 0.46% of the model, while the frozen weights stay in bfloat16 (2.47 GB).
+B A has the shape of W but only r * (in + out) numbers. Rank 8 on all seven projections of Llama 3.2 1B (wq wk wv
+wo in attention, w1 w2 w3 in the feed-forward network) trains 5.6M parameters, 0.46% of the model, while the
+frozen weights stay in bfloat16 (2.47 GB).
 
-- A starts random (Kaiming-uniform, as nn.Linear's weight) and B at zero, as in peft: at step 0,
-  B A = 0 and the model is the base model, bit for bit. B's gradient is not zero (it is A x times
-  the output's gradient), so B moves at the first step and A follows.
+- A starts random (Kaiming-uniform, as nn.Linear's weight) and B at zero, as in peft: at step 0, B A = 0 and the
+  model is the base model, bit for bit. B's gradient is not zero (it is A x times the output's gradient), so B
+  moves at the first step and A follows.
 - alpha / r scales the update, so that a learning rate found at one rank still fits at another.
-- After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is
-  the base architecture again, with Meta's state-dict keys and no extra cost per token.
-- Only A and B are trained, by AdamW. They are 2-D matrices under `layers.`, which main.py's Muon
-  rule would take (Muon is for whole hidden matrices). They are kept in float32, as peft keeps them,
-  whatever the base's dtype: AdamW's small steps would vanish in bfloat16's 8-bit mantissa. The
-  forward pass uses them in the base's dtype, as autocast would.
-- Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so
-  an adapter exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
+- After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is the base
+  architecture again, with Meta's state-dict keys and no extra cost per token.
+- Only A and B train, with AdamW: main.py's Muon rule would take them (2-D matrices under `layers.`), but Muon is
+  for whole hidden matrices. They stay in float32, as in peft, whatever the base's dtype (AdamW's small steps
+  would vanish in bfloat16's 8-bit mantissa); the forward pass casts them to the base's dtype, as autocast would.
+- Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so an adapter
+  exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
-The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches
-it this chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss
-falling, merged logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
+The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches it this
+chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss falling, merged
+logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
 
-Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama).
+Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama); the flags
+       and file checks are plumbing/lora_cli.py's.
 Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --sample --prompt "To be"
@@ -530,6 +529,20 @@ def plot_figure(n_total: int, n_lora: int, losses: list[float], val_log: list[tu
     return path
 
 
+def train_demo_base(data: np.ndarray, tokenizer: inputs.CharTokenizer, seq_len: int, generator: torch.Generator
+                    ) -> Transformer:
+    """The demo's base: a tiny LLaMA 3, every weight trained briefly on `data` (main.py's way, in miniature)."""
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                                  max_seq_len=seq_len))
+    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    for step in range(cfg.max_iters):
+        train_one_step(model, optimizers, data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
+    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
+          f"{cfg.max_iters} steps on chapters 1-4 ({len(data):,} characters); new text: this chapter")
+    return model
+
+
 def demo(fig_dir: Path) -> None:
     """A tiny LLaMA 3 trained on chapters 1-4's code learns this chapter's code through LoRA; the invariants shown."""
     torch.manual_seed(0)
@@ -540,16 +553,7 @@ def demo(fig_dir: Path) -> None:
     old_data = np.array(tokenizer.encode(old_text), dtype=np.int64)
     train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(new_text), dtype=np.int64))
     seq_len, generator = 64, torch.Generator().manual_seed(0)
-
-    # ---- the base: every weight trained, briefly, on the old text (main.py's way, in miniature)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
-                                  max_seq_len=seq_len))
-    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
-    optimizers = configure_optimizer(model, cfg, "cpu")
-    for step in range(cfg.max_iters):
-        train_one_step(model, optimizers, old_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
-    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
-          f"{cfg.max_iters} steps on chapters 1-4 ({len(old_text):,} characters); new text: this chapter")
+    model = train_demo_base(old_data, tokenizer, seq_len, generator)
 
     # ---- LoRA: the base frozen, B = 0, so nothing changes yet
     tokens = inputs.inputs_for(torch.from_numpy(val_data[:seq_len])[None], tokenizer.bos_id)  # (1, seq_len)
