@@ -288,6 +288,13 @@ def test_an_adapter_for_another_base_is_one_error_line(char_ckpt, tiny_corpus, t
                                                                          "--sample", "--prompt", "Ω"], lora.main)
 
 
+def test_a_file_that_is_no_adapter_is_one_error_line(char_ckpt, tmp_path):
+    sample = ["--ckpt", char_ckpt, "--out-dir", tmp_path, "--sample"]
+    (tmp_path / "adapter.pt").write_bytes(b"not a torch file")
+    assert "adapter.pt is not a readable adapter" in cli_error(sample, lora.main)
+    torch.save({"lora": {}, "step": 0}, tmp_path / "adapter.pt")  # readable, but not ours
+    assert "adapter.pt is not an adapter written by 06_lora_finetuning.py" in cli_error(sample, lora.main)
+
 def test_bad_data_and_bases_are_one_error_line(char_ckpt, hf_llama, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("ROMEO: But soft, what light " * 5)
