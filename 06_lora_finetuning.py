@@ -215,7 +215,6 @@ class LoRAConfig:
     targets: tuple[str, ...] = tuple(TARGETS)
 
 
-
 def apply_adapter(model: Transformer, adapter: dict, source: str) -> LoRAConfig:
     """add_lora with the adapter's settings, then its tensors. Returns those settings."""
     lora_cfg = LoRAConfig(**adapter["lora_config"])
