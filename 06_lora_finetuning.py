@@ -449,6 +449,9 @@ def finish(run: FineTune, progress: Progress, t_start: float) -> None:
     print(f"wrote {run.out_dir / 'adapter.pt'}, {run.out_dir / 'train_state.pt'} and {run.out_dir / 'metrics.json'}")
 
 
+# ----------------------------------------------------------------------------- using an adapter
+
+
 def use_adapter(args: argparse.Namespace) -> None:
     """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
     adapter_path = args.out_dir / "adapter.pt"
