@@ -1,34 +1,33 @@
 """Chapter 6: LoRA, fine-tuning Meta's Llama 3 (or your character model) on your own text.
 
-Full fine-tuning trains every weight. With AdamW in float32 each parameter costs 16 bytes (the weight,
-its gradient and two moments): about 20 GB for Llama 3.2 1B, before a single activation. LoRA
-(Low-Rank Adaptation, Hu et al. 2021) freezes the model and learns, beside each chosen matrix W,
-a small update of rank r:
+Full fine-tuning trains every weight. With AdamW in float32 each parameter costs 16 bytes (the weight, its
+gradient and two moments): about 20 GB for Llama 3.2 1B, before a single activation. LoRA (Low-Rank Adaptation,
+Hu et al. 2021) freezes the model and learns, beside each chosen matrix W, a small update of rank r:
 
     y = W x + (alpha / r) B A x        W (out, in) frozen;  A (r, in), B (out, r) trained;  r << in, out
 
-The update B A has the shape of W but only r * (in + out) numbers. Rank 8 on all seven projections
-of Llama 3.2 1B (wq wk wv wo in attention, w1 w2 w3 in the feed-forward network) trains 5.6M
-parameters, 0.46% of the model, while the frozen weights stay in bfloat16 (2.47 GB).
+B A has the shape of W but only r * (in + out) numbers. Rank 8 on all seven projections of Llama 3.2 1B (wq wk wv
+wo in attention, w1 w2 w3 in the feed-forward network) trains 5.6M parameters, 0.46% of the model, while the
+frozen weights stay in bfloat16 (2.47 GB).
 
-- A starts random (Kaiming-uniform, as nn.Linear's weight) and B at zero, as in peft: at step 0,
-  B A = 0 and the model is the base model, bit for bit. B's gradient is not zero (it is A x times
-  the output's gradient), so B moves at the first step and A follows.
+- A starts random (Kaiming-uniform, as nn.Linear's weight) and B at zero, as in peft: at step 0, B A = 0 and the
+  model is the base model, bit for bit. B's gradient is not zero (it is A x times the output's gradient), so B
+  moves at the first step and A follows.
 - alpha / r scales the update, so that a learning rate found at one rank still fits at another.
-- After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is
-  the base architecture again, with Meta's state-dict keys and no extra cost per token.
-- Only A and B are trained, by AdamW. They are 2-D matrices under `layers.`, which main.py's Muon
-  rule would take (Muon is for whole hidden matrices). They are kept in float32, as peft keeps them,
-  whatever the base's dtype: AdamW's small steps would vanish in bfloat16's 8-bit mantissa. The
-  forward pass uses them in the base's dtype, as autocast would.
-- Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so
-  an adapter exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
+- After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is the base
+  architecture again, with Meta's state-dict keys and no extra cost per token.
+- Only A and B train, with AdamW: main.py's Muon rule would take them (2-D matrices under `layers.`), but Muon is
+  for whole hidden matrices. They stay in float32, as in peft, whatever the base's dtype (AdamW's small steps
+  would vanish in bfloat16's 8-bit mantissa); the forward pass casts them to the base's dtype, as autocast would.
+- Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so an adapter
+  exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
-The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches
-it this chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss
-falling, merged logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
+The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches it this
+chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss falling, merged
+logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
 
-Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama).
+Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama); the flags
+       and file checks are plumbing/lora_cli.py's.
 Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --sample --prompt "To be"
@@ -47,7 +46,7 @@ import sys
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +67,10 @@ from main import (
     model_from_checkpoint,
     train_step,
 )
-from plumbing.runtime import Progress, Stopped, StopSignals, lock_out_dir, pick_device, save_checkpoint
-from plumbing.validators import non_negative_int, positive_float, positive_int, seed_type, temperature_type, top_p_type
+from plumbing import lora_cli
+from plumbing.lora_cli import load_adapter
+from plumbing.reports import write_metrics
+from plumbing.runtime import Progress, StopSignals, lock_out_dir, pick_device, save_checkpoint
 
 inputs = importlib.import_module("01_input_block")
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
@@ -214,23 +215,6 @@ class LoRAConfig:
     targets: tuple[str, ...] = tuple(TARGETS)
 
 
-def load_adapter(path: Path) -> dict:
-    """Read adapter.pt (or train_state.pt): tensors and plain data only, like every checkpoint here.
-
-    Raises:
-        FileNotFoundError: no file. ValueError: not an adapter of this script.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {path.parent}: fine-tune into --out-dir {path.parent} first")
-    try:
-        adapter = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; all mean the same here
-        raise ValueError(f"{path} is not a readable adapter ({type(e).__name__}); fine-tune again") from e
-    if not isinstance(adapter, dict) or {"lora", "lora_config", "train_config", "seq_len", "step"} - adapter.keys():
-        raise ValueError(f"{path} is not an adapter written by 06_lora_finetuning.py")
-    return adapter
-
-
 def apply_adapter(model: Transformer, adapter: dict, source: str) -> LoRAConfig:
     """add_lora with the adapter's settings, then its tensors. Returns those settings."""
     lora_cfg = LoRAConfig(**adapter["lora_config"])
@@ -303,6 +287,111 @@ def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], 
     return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
 
 
+@dataclass
+class FineTune:
+    """One LoRA fine-tune: its settings, data, model and optimizer, and what changes as it goes. With the LoRA
+    matrices and AdamW's state, step, losses, the batch stream and val_before are all that --resume needs."""
+
+    lora_cfg: LoRAConfig
+    cfg: TrainConfig
+    seq_len: int
+    model: Transformer
+    bos_id: int
+    train_data: np.ndarray
+    val_data: np.ndarray
+    optimizers: list[torch.optim.Optimizer]
+    data_gen: torch.Generator  # the stream of batches: the same state gives the same batches
+    device: str
+    out_dir: Path
+    base: str  # --llama-dir or --ckpt, recorded in the adapter
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # every step's train loss
+    val_before: float = float("nan")
+
+    def val_loss(self) -> float:
+        """The val loss on eval_iters batches, the same batches every call."""
+        return estimate_loss(self.model, self.val_data, self.cfg, self.seq_len, self.bos_id, self.device,
+                             nullcontext())
+
+
+def finetune(args: argparse.Namespace, t_start: float) -> None:
+    """Fine-tune LoRA on --data (or --resume a fine-tune), writing out-dir/adapter.pt, train_state.pt and
+    metrics.json."""
+    run = set_up(args)
+    cfg = run.cfg
+    progress = Progress(cfg.max_iters, run.step, cfg.grad_accum * cfg.batch_size * run.seq_len, args.log_interval)
+    run.model.train()  # the base's dropout, if it has any, as in its own training
+    with StopSignals() as stop:
+        while run.step < cfg.max_iters:
+            # one step: grad_accum micro-batches, then AdamW on A and B at the scheduled learning rate
+            t0 = time.perf_counter()
+            loss = train_one_step(run.model, run.optimizers, run.train_data, cfg, run.seq_len, run.bos_id,
+                                  run.data_gen, run.device, run.step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at step {run.step}: training diverged; "
+                                         f"try a lower --learning-rate")
+            progress.update(run.step + 1, loss, learning_rates(run.step, run.optimizers, cfg), time.perf_counter() - t0)
+            run.step += 1
+            run.losses.append(loss)
+
+            # save now and then, and on Ctrl-C or SIGTERM, after which --resume continues
+            if run.step % SAVE_INTERVAL == 0 or stop.signum:
+                save(run)
+            if stop.signum:
+                progress.close()
+                raise lora_cli.interrupted(stop.signum, run.step, args)
+        progress.close()
+        save(run)
+    finish(run, progress, t_start)
+
+
+def set_up(args: argparse.Namespace) -> FineTune:
+    """Everything a fine-tune needs: the settings, the frozen base and the text, then LoRA and AdamW, new or as
+    out-dir/train_state.pt left them (--resume). Prints what it built and the val loss before."""
+    state_path = args.out_dir / "train_state.pt"
+    saved = load_adapter(state_path) if args.resume else None
+    lora_cfg, cfg, seq_len = run_settings(args, saved)
+    device = pick_device(args.device)
+    model, tokenizer, seq_len = load_base(args, seq_len, device)
+    train_data, val_data = load_data(args.data, tokenizer, seq_len)
+
+    torch.manual_seed(cfg.seed)  # A's random start
+    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
+    run = FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
+                   torch.Generator().manual_seed(cfg.seed), device, args.out_dir, str(args.llama_dir or args.ckpt))
+    if saved is not None:
+        load_lora_state_dict(model, saved["lora"], str(state_path))
+        for optimizer, optimizer_state in zip(optimizers, saved["optimizer"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        run.data_gen.set_state(saved["data_rng"])
+        run.step, run.losses, run.val_before = saved["step"], saved["losses"], saved["val_loss_before"]
+        print(f"resumed from {state_path} at step {run.step}")
+    trainable, total = count_parameters(model)
+    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
+          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
+          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
+    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
+          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
+          f"{cfg.batch_size})")
+    if saved is None:
+        run.val_before = run.val_loss()
+    print(f"val loss before fine-tuning: {run.val_before:.4f}")
+    return run
+
+
+def run_settings(args: argparse.Namespace, saved: dict | None) -> tuple[LoRAConfig, TrainConfig, int | None]:
+    """LoRA's settings, the training's, and --seq-len (None: the base's default). From the flags, or with --resume
+    the saved run's own, of which only --max-iters may change."""
+    if saved is None:
+        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
+                                args.eval_iters, args.seed, args.grad_accum)
+        return LoRAConfig(args.rank, args.alpha, tuple(args.targets)), cfg, args.seq_len
+    cfg = TrainConfig(**saved["train_config"])
+    cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
+    return LoRAConfig(**saved["lora_config"]), cfg, saved["seq_len"]
+
+
 def load_base(args: argparse.Namespace, seq_len: int | None, device: str
               ) -> tuple[Transformer, inputs.CharTokenizer | llama.Llama3Tokenizer, int]:
     """The frozen base model and its tokenizer: Meta's Llama 3 (--llama-dir) or main.py's character model
@@ -322,108 +411,49 @@ def load_base(args: argparse.Namespace, seq_len: int | None, device: str
     return model, inputs.CharTokenizer.from_dict(checkpoint["tokenizer"]), seq_len
 
 
-def finetune(args: argparse.Namespace, t_start: float) -> None:
-    """Fine-tune LoRA on --data from the flags (or --resume), writing out-dir/adapter.pt, train_state.pt
-    and metrics.json."""
-    out_dir: Path = args.out_dir
-    state_path, adapter_path = out_dir / "train_state.pt", out_dir / "adapter.pt"
-    state = load_adapter(state_path) if args.resume else None
-    if state is None:
-        lora_cfg = LoRAConfig(args.rank, args.alpha, tuple(args.targets))
-        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
-                                args.eval_iters, args.seed, args.grad_accum)
-        seq_len = args.seq_len
-    else:  # the run's own settings; only --max-iters may change
-        lora_cfg, seq_len = LoRAConfig(**state["lora_config"]), state["seq_len"]
-        cfg = TrainConfig(**state["train_config"])
-        cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
-
-    # ---- the base, frozen, and the text
-    device = pick_device(args.device)
-    model, tokenizer, seq_len = load_base(args, seq_len, device)
-    text = inputs.load_text(args.data)
+def load_data(path: str | None, tokenizer: inputs.CharTokenizer | llama.Llama3Tokenizer, seq_len: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """--data as the base tokenizer's ids, split 90/10. Returns (train_data, val_data)."""
+    text = inputs.load_text(path)
     try:
         data = np.array(tokenizer.encode(text), dtype=np.int64)
     except ValueError as e:  # a character model meets a character it never saw
-        raise ValueError(f"--data {args.data}: {e}") from e
+        raise ValueError(f"--data {path}: {e}") from e
     train_data, val_data = inputs.train_val_split(data)
     if min(len(train_data), len(val_data)) < seq_len:
         raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "
                          f"its last 10% must each hold one window); give a longer text or a smaller --seq-len")
+    return train_data, val_data
 
-    # ---- LoRA and its optimizer
-    torch.manual_seed(cfg.seed)  # A's random start
-    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
-    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    step, losses = 0, []
-    if state is not None:
-        load_lora_state_dict(model, state["lora"], str(state_path))
-        for optimizer, saved in zip(optimizers, state["optimizer"], strict=True):
-            optimizer.load_state_dict(saved)
-        data_gen.set_state(state["data_rng"])
-        step, losses, val_before = state["step"], state["losses"], state["val_loss_before"]
-        print(f"resumed from {state_path} at step {step}")
-    trainable, total = count_parameters(model)
-    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
-          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
-          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
-    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
-          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
-          f"{cfg.batch_size})")
-    if state is None:
-        val_before = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
-    print(f"val loss before fine-tuning: {val_before:.4f}")
 
-    def save() -> None:
-        """adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs)."""
-        adapter = {"lora": lora_state_dict(model), "lora_config": asdict(lora_cfg), "train_config": asdict(cfg),
-                   "seq_len": seq_len, "step": step, "base": str(args.llama_dir or args.ckpt)}
-        save_checkpoint(state_path, {**adapter, "optimizer": [o.state_dict() for o in optimizers],
-                                     "data_rng": data_gen.get_state(), "losses": losses,
-                                     "val_loss_before": val_before})
-        save_checkpoint(adapter_path, adapter)
+def save(run: FineTune) -> None:
+    """out-dir/adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs),
+    each written atomically."""
+    adapter = {"lora": lora_state_dict(run.model), "lora_config": asdict(run.lora_cfg),
+               "train_config": asdict(run.cfg), "seq_len": run.seq_len, "step": run.step, "base": run.base}
+    save_checkpoint(run.out_dir / "train_state.pt", {
+        **adapter, "optimizer": [o.state_dict() for o in run.optimizers], "data_rng": run.data_gen.get_state(),
+        "losses": run.losses, "val_loss_before": run.val_before})
+    save_checkpoint(run.out_dir / "adapter.pt", adapter)
 
-    # ---- the loop: AdamW on A and B; Ctrl-C or SIGTERM saves, then --resume continues
-    progress = Progress(cfg.max_iters, step, cfg.grad_accum * cfg.batch_size * seq_len, args.log_interval)
-    model.train()  # the base's dropout, if it has any, as in its own training
-    with StopSignals() as stop:
-        while step < cfg.max_iters:
-            t0 = time.perf_counter()
-            loss = train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, data_gen, device,
-                                  step)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at step {step}: training diverged; "
-                                         f"try a lower --learning-rate")
-            progress.update(step + 1, loss, learning_rates(step, optimizers, cfg), time.perf_counter() - t0)
-            step += 1
-            losses.append(loss)
-            if step % SAVE_INTERVAL == 0 or stop.signum:
-                save()
-            if stop.signum:
-                progress.close()
-                flags = " ".join(f"{flag} {value}" for flag, value in (
-                    ("--llama-dir", args.llama_dir), ("--ckpt", args.ckpt), ("--dtype", args.dtype),
-                    ("--data", args.data)) if value)
-                print(f"\ninterrupted at step {step}: adapter saved to {adapter_path}.\ncontinue with: "
-                      f"python 06_lora_finetuning.py {flags} --resume --out-dir {out_dir}")
-                raise Stopped(stop.signum)
-        progress.close()
-        save()
-    val_after = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, device, nullcontext())
-    print(f"val loss after fine-tuning: {val_after:.4f} (before: {val_before:.4f})")
-    metrics = {"val_loss_before": val_before, "val_loss_after": val_after, "train_losses": losses,
-               "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
-               "iters": step, **asdict(lora_cfg), "device": device, "wall_s": time.perf_counter() - t_start}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"wrote {adapter_path}, {state_path} and {out_dir / 'metrics.json'}")
+
+def finish(run: FineTune, progress: Progress, t_start: float) -> None:
+    """After the last step: the val loss after against before, and out-dir/metrics.json."""
+    val_after = run.val_loss()
+    print(f"val loss after fine-tuning: {val_after:.4f} (before: {run.val_before:.4f})")
+    trainable, total = count_parameters(run.model)
+    write_metrics(run.out_dir / "metrics.json", {
+        "val_loss_before": run.val_before, "val_loss_after": val_after, "train_losses": run.losses,
+        "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
+        "iters": run.step, **asdict(run.lora_cfg), "device": run.device, "wall_s": time.perf_counter() - t_start})
+    print(f"wrote {run.out_dir / 'adapter.pt'}, {run.out_dir / 'train_state.pt'} and {run.out_dir / 'metrics.json'}")
+
+
+# ----------------------------------------------------------------------------- using an adapter
 
 
 def use_adapter(args: argparse.Namespace) -> None:
     """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
-    if args.export_peft is not None and args.llama_dir is None:
-        raise ValueError("--export-peft needs --llama-dir: peft adapts transformers' LlamaForCausalLM, "
-                         "which main.py's character model is not")
     adapter_path = args.out_dir / "adapter.pt"
     adapter = load_adapter(adapter_path)
     device = pick_device(args.device)
@@ -501,6 +531,20 @@ def plot_figure(n_total: int, n_lora: int, losses: list[float], val_log: list[tu
     return path
 
 
+def train_demo_base(data: np.ndarray, tokenizer: inputs.CharTokenizer, seq_len: int, generator: torch.Generator
+                    ) -> Transformer:
+    """The demo's base: a tiny LLaMA 3, every weight trained briefly on `data` (main.py's way, in miniature)."""
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                                  max_seq_len=seq_len))
+    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    for step in range(cfg.max_iters):
+        train_one_step(model, optimizers, data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
+    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
+          f"{cfg.max_iters} steps on chapters 1-4 ({len(data):,} characters); new text: this chapter")
+    return model
+
+
 def demo(fig_dir: Path) -> None:
     """A tiny LLaMA 3 trained on chapters 1-4's code learns this chapter's code through LoRA; the invariants shown."""
     torch.manual_seed(0)
@@ -511,16 +555,7 @@ def demo(fig_dir: Path) -> None:
     old_data = np.array(tokenizer.encode(old_text), dtype=np.int64)
     train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(new_text), dtype=np.int64))
     seq_len, generator = 64, torch.Generator().manual_seed(0)
-
-    # ---- the base: every weight trained, briefly, on the old text (main.py's way, in miniature)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
-                                  max_seq_len=seq_len))
-    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
-    optimizers = configure_optimizer(model, cfg, "cpu")
-    for step in range(cfg.max_iters):
-        train_one_step(model, optimizers, old_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
-    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
-          f"{cfg.max_iters} steps on chapters 1-4 ({len(old_text):,} characters); new text: this chapter")
+    model = train_demo_base(old_data, tokenizer, seq_len, generator)
 
     # ---- LoRA: the base frozen, B = 0, so nothing changes yet
     tokens = inputs.inputs_for(torch.from_numpy(val_data[:seq_len])[None], tokenizer.bos_id)  # (1, seq_len)
@@ -566,112 +601,21 @@ def demo(fig_dir: Path) -> None:
           "fine-tune's memory; the tiny model learns a new text with only its LoRA matrices trained.")
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def comma_list(s: str) -> list[str]:
-    """'wq, wv' -> ['wq', 'wv'] (add_lora checks the names)."""
-    return [part.strip() for part in s.split(",") if part.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Chapter 6: LoRA fine-tuning of Meta's Llama 3 (--llama-dir) or of a character model that "
-                    "main.py trained (--ckpt). Without either, the chapter's demo runs (seconds, no download).")
-    b = p.add_argument_group("the base model (frozen)")
-    b.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
-                   help="Meta's Llama 3 in Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or "
-                        "Hugging Face's (config.json, model*.safetensors), as chapter 5 loads it")
-    b.add_argument("--ckpt", type=Path, default=None, metavar="PATH",
-                   help="a character model that main.py trained, e.g. out/ckpt.pt")
-    b.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the frozen base's dtype (default: the checkpoint's: bfloat16 for Meta's files, float32 for "
-                        "main.py's); LoRA's matrices are stored in float32 whatever this is")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
-
-    lo = p.add_argument_group("LoRA")
-    lo.add_argument("--rank", type=int, default=LoRAConfig.rank,
-                    help="r, the rank of each update B A: from 1 to the smaller side of the smallest adapted "
-                         "matrix (default: %(default)s)")
-    lo.add_argument("--alpha", type=positive_float, default=LoRAConfig.alpha,
-                    help="the update is scaled by alpha / rank (default: %(default)s)")
-    lo.add_argument("--targets", type=comma_list, default=list(TARGETS), metavar="LIST",
-                    help="comma-separated Meta names of the projections to adapt in every block: wq,wk,wv,wo "
-                         "(attention), w1,w2,w3 (feed-forward) (default: all seven)")
-
-    t = p.add_argument_group("fine-tuning (writes out-dir/adapter.pt, train_state.pt and metrics.json)")
-    t.add_argument("--data", default=None, metavar="FILE",
-                   help="UTF-8 text file to fine-tune on (default: data/tinyshakespeare.txt, downloaded if missing); "
-                        "its first 90%% trains, its last 10%% gives the val loss before and after")
-    t.add_argument("--out-dir", type=Path, default=Path("out/lora"), metavar="DIR",
-                   help="where the adapter goes (default: %(default)s)")
-    t.add_argument("--max-iters", type=positive_int, default=None,
-                   help=f"optimizer steps (default: {DEFAULT_MAX_ITERS}; with --resume: the run's own)")
-    t.add_argument("--batch-size", type=positive_int, default=1,
-                   help="windows per micro-batch, and per val batch (default: %(default)s)")
-    t.add_argument("--grad-accum", type=positive_int, default=4,
-                   help="micro-batches per step: the update of one batch of batch-size x grad-accum windows, with "
-                        "the memory of one micro-batch (default: %(default)s)")
-    t.add_argument("--seq-len", type=positive_int, default=None,
-                   help=f"tokens per window, each opening with <|begin_of_text|>; with --sample the context "
-                        f"(default: {DEFAULT_LLAMA_SEQ_LEN} for --llama-dir, the context of --ckpt's model)")
-    t.add_argument("--learning-rate", type=positive_float, default=2e-4,
-                   help="AdamW's peak learning rate, after a warmup of 5%% of the steps and before a cosine decay "
-                        "to a tenth (default: %(default)s)")
-    t.add_argument("--eval-iters", type=positive_int, default=40,
-                   help="val batches for the loss before and after (the same batches both times; default: %(default)s)")
-    t.add_argument("--seed", type=seed_type, default=1337,
-                   help="seeds A's start, the batches and sampling (default: %(default)s)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the fine-tune saved in out-dir/train_state.pt (after Ctrl-C or SIGTERM) with its "
-                        "own settings; only --max-iters may change")
-    t.add_argument("--log-interval", type=positive_int, default=10,
-                   help="when the output goes to a file: one line every N steps instead of a progress bar "
-                        "(default: %(default)s)")
-
-    u = p.add_argument_group("using the adapter in out-dir/adapter.pt (no training)")
-    u.add_argument("--sample", action="store_true", help="generate from --prompt with the base plus the adapter")
-    u.add_argument("--prompt", default="ROMEO:", help="text to continue (default: %(default)s)")
-    u.add_argument("--max-new-tokens", type=non_negative_int, default=200,
-                   help="tokens to generate (default: %(default)s)")
-    u.add_argument("--temperature", type=temperature_type, default=0.8, help="0 is greedy (default: %(default)s)")
-    u.add_argument("--top-p", type=top_p_type, default=0.9, help="nucleus sampling in (0, 1] (default: %(default)s)")
-    u.add_argument("--export-peft", type=Path, default=None, metavar="DIR",
-                   help="with --llama-dir: write the adapter as peft saves one (adapter_config.json, "
-                        "adapter_model.safetensors) for transformers' LlamaForCausalLM of the same base")
-
-    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), metavar="DIR",
-                   help="the demo's figure goes here (default: %(default)s)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> None:
+    """`python 06_lora_finetuning.py [flags]`: the demo, a fine-tune, or --sample / --export-peft with an adapter.
+    Every problem ends in one line `error: ...`; Ctrl-C and SIGTERM end with the exit status of the signal."""
     t_start = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    try:
-        using = args.sample or args.export_peft is not None
-        if args.llama_dir is None and args.ckpt is None:
-            given = [flag for flag, on in (("--data", args.data), ("--resume", args.resume), ("--sample", args.sample),
-                                           ("--export-peft", args.export_peft)) if on]
-            if given:
-                raise ValueError(f"{', '.join(given)} needs a base model: --llama-dir DIR or --ckpt PATH")
+    args = lora_cli.build_parser(list(TARGETS), LoRAConfig.rank, LoRAConfig.alpha, DEFAULT_MAX_ITERS,
+                                 DEFAULT_LLAMA_SEQ_LEN).parse_args(argv)
+    with lora_cli.exit_on_error():
+        mode = lora_cli.choose_mode(args)
+        if mode == "demo":
             demo(args.fig_dir)
-        elif args.llama_dir is not None and args.ckpt is not None:
-            raise ValueError("give one base model: --llama-dir or --ckpt, not both")
-        elif using and args.resume:
-            raise ValueError("--resume continues a fine-tune; --sample and --export-peft only use its adapter")
-        elif using:
+        elif mode == "use":
             use_adapter(args)
         else:
             with lock_out_dir(args.out_dir):  # one fine-tune per out-dir, refused before any work
                 finetune(args, t_start)
-    except Stopped as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (OSError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

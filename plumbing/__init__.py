@@ -7,4 +7,5 @@ Nothing here is about LLaMA; read main.py first.
   the torch.distributed calls, the device choice and the atomic checkpoint write.
 - `checkpoint`: what a checkpoint holds, reading it safely, and resuming from it exactly.
 - `reports`: loss.csv, loss.png, metrics.json and the attention figure.
+- `lora_cli`: chapter 6's command line: its flags, which go together, reading an adapter file, one-line errors.
 """

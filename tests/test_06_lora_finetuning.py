@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 from llama_checkpoints import hf_config, hf_reference, write_byte_tokenizer, write_hf_layout
 from safetensors import safe_open
 
@@ -80,15 +81,6 @@ def hf_llama(tmp_path_factory) -> Path:
 
 def run_cli(*argv) -> None:
     lora.main([str(a) for a in argv])
-
-
-def cli_error(*argv) -> str:
-    """The command line must end with one line 'error: ...' (exit status 1), never a traceback."""
-    with pytest.raises(SystemExit) as exc:
-        run_cli(*argv)
-    message = exc.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 # ----------------------------------------------------------------------------- LoRA's maths
@@ -274,11 +266,11 @@ def test_export_peft_gives_our_logits_in_transformers(hf_llama, tmp_path, capsys
 
 def test_bad_lora_settings_are_one_error_line(char_ckpt, tiny_corpus, tmp_path):
     base = ["--ckpt", char_ckpt, "--data", tiny_corpus, "--out-dir", tmp_path, "--max-iters", 1]
-    assert "rank 0 does not fit: it must be between 1 and 16" in cli_error(*base, "--rank", 0)
-    assert "smaller side of layers.0.attention.wk (16 x 32)" in cli_error(*base, "--rank", 17)
-    message = cli_error(*base, "--targets", "wq,q_proj")
+    assert "rank 0 does not fit: it must be between 1 and 16" in cli_error([*base, "--rank", 0], lora.main)
+    assert "smaller side of layers.0.attention.wk (16 x 32)" in cli_error([*base, "--rank", 17], lora.main)
+    message = cli_error([*base, "--targets", "wq,q_proj"], lora.main)
     assert "unknown LoRA target 'q_proj'" in message and "Hugging Face's name for wq" in message
-    assert "no LoRA target" in cli_error(*base, "--targets", ",")
+    assert "no LoRA target" in cli_error([*base, "--targets", ","], lora.main)
 
 
 def test_an_adapter_for_another_base_is_one_error_line(char_ckpt, tiny_corpus, tiny_text, tmp_path):
@@ -287,28 +279,37 @@ def test_an_adapter_for_another_base_is_one_error_line(char_ckpt, tiny_corpus, t
     wider = write_char_checkpoint(tmp_path / "wider.pt", tiny_text, train_steps=0, dim=64)
     deeper = write_char_checkpoint(tmp_path / "deeper.pt", tiny_text, train_steps=0, n_layers=3)
     assert "does not fit this base model: its layers.0.attention.wq.lora_A has shape (8, 32), this model needs " \
-           "(8, 64)" in cli_error("--ckpt", wider, "--out-dir", out, "--sample")
-    assert "it lacks layers.2." in cli_error("--ckpt", deeper, "--out-dir", out, "--sample")
-    assert "no adapter.pt in" in cli_error("--ckpt", char_ckpt, "--out-dir", tmp_path / "empty", "--sample")
-    assert "no train_state.pt in" in cli_error("--ckpt", char_ckpt, "--out-dir", tmp_path / "empty", "--resume")
-    assert "--prompt 'Ω': characters not in the vocabulary" in cli_error("--ckpt", char_ckpt, "--out-dir", out,
-                                                                         "--sample", "--prompt", "Ω")
+           "(8, 64)" in cli_error(["--ckpt", wider, "--out-dir", out, "--sample"], lora.main)
+    assert "it lacks layers.2." in cli_error(["--ckpt", deeper, "--out-dir", out, "--sample"], lora.main)
+    empty = ["--ckpt", char_ckpt, "--out-dir", tmp_path / "empty"]
+    assert "no adapter.pt in" in cli_error([*empty, "--sample"], lora.main)
+    assert "no train_state.pt in" in cli_error([*empty, "--resume"], lora.main)
+    assert "--prompt 'Ω': characters not in the vocabulary" in cli_error(["--ckpt", char_ckpt, "--out-dir", out,
+                                                                         "--sample", "--prompt", "Ω"], lora.main)
 
+
+def test_a_file_that_is_no_adapter_is_one_error_line(char_ckpt, tmp_path):
+    sample = ["--ckpt", char_ckpt, "--out-dir", tmp_path, "--sample"]
+    (tmp_path / "adapter.pt").write_bytes(b"not a torch file")
+    assert "adapter.pt is not a readable adapter" in cli_error(sample, lora.main)
+    torch.save({"lora": {}, "step": 0}, tmp_path / "adapter.pt")  # readable, but not ours
+    assert "adapter.pt is not an adapter written by 06_lora_finetuning.py" in cli_error(sample, lora.main)
 
 def test_bad_data_and_bases_are_one_error_line(char_ckpt, hf_llama, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("ROMEO: But soft, what light " * 5)
-    message = cli_error("--ckpt", char_ckpt, "--data", short, "--out-dir", tmp_path / "o")
+    message = cli_error(["--ckpt", char_ckpt, "--data", short, "--out-dir", tmp_path / "o"], lora.main)
     assert "too short for --seq-len 32" in message
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("ROMEO: But soft, what light through yonder window breaks? Ω" * 40)
-    assert "characters not in the vocabulary: 'Ω'" in cli_error("--ckpt", char_ckpt, "--data", foreign,
-                                                                 "--out-dir", tmp_path / "o")
-    assert "no checkpoint at" in cli_error("--ckpt", tmp_path / "none.pt", "--data", short)
-    assert "is not a directory" in cli_error("--llama-dir", tmp_path / "nowhere", "--data", short)
+    assert "characters not in the vocabulary: 'Ω'" in cli_error(["--ckpt", char_ckpt, "--data", foreign,
+                                                                 "--out-dir", tmp_path / "o"], lora.main)
+    assert "no checkpoint at" in cli_error(["--ckpt", tmp_path / "none.pt", "--data", short], lora.main)
+    assert "is not a directory" in cli_error(["--llama-dir", tmp_path / "nowhere", "--data", short], lora.main)
     (tmp_path / "empty_dir").mkdir()
-    assert "no tokenizer.model" in cli_error("--llama-dir", tmp_path / "empty_dir", "--data", short)
-    assert "--export-peft needs --llama-dir" in cli_error("--ckpt", char_ckpt, "--export-peft", tmp_path / "p")
-    assert "needs a base model" in cli_error("--data", short)
-    assert "not both" in cli_error("--ckpt", char_ckpt, "--llama-dir", hf_llama)
-    assert "--seq-len 64 is longer than the context 32" in cli_error("--ckpt", char_ckpt, "--seq-len", 64)
+    assert "no tokenizer.model" in cli_error(["--llama-dir", tmp_path / "empty_dir", "--data", short], lora.main)
+    message = cli_error(["--ckpt", char_ckpt, "--export-peft", tmp_path / "p"], lora.main)
+    assert "--export-peft needs --llama-dir" in message
+    assert "needs a base model" in cli_error(["--data", short], lora.main)
+    assert "not both" in cli_error(["--ckpt", char_ckpt, "--llama-dir", hf_llama], lora.main)
+    assert "--seq-len 64 is longer than the context 32" in cli_error(["--ckpt", char_ckpt, "--seq-len", 64], lora.main)
