@@ -240,15 +240,23 @@ def main() -> None:
     sample = text[:20]
     ids = tokenizer.encode(sample, bos=True)
     print(f"encode({sample!r}, bos=True) = {ids}")
-    print(f"decode(...) round trip ok: {tokenizer.decode(ids[1:]) == sample}")
+    print(f"decode(encode(text)) == text: {tokenizer.decode(ids[1:]) == sample} (should be True)")
 
     data = np.array(tokenizer.encode(text), dtype=np.int64)
     train, val = train_val_split(data)
-    print(f"train {len(train):,} tokens, val {len(val):,} tokens")
+    print(f"train {len(train):,} tokens, val {len(val):,} tokens ({len(val) / len(data):.0%} held out)")
     x, y = get_batch(train, batch_size=2, seq_len=8, bos_id=tokenizer.bos_id,
                      generator=torch.Generator().manual_seed(0))
-    print(f"x {tuple(x.shape)}: {tokenizer.decode(x[0].tolist())!r}")
-    print(f"y {tuple(y.shape)}: {tokenizer.decode(y[0].tolist())!r}  (the next character at every position)")
+    print(f"one window of x {tuple(x.shape)} and y {tuple(y.shape)}: at each position the model reads x[t] "
+          f"and must predict y[t], which is x[t + 1]")
+    shown = ["BOS" if i == tokenizer.bos_id else VISIBLE.get(tokenizer.itos[i], tokenizer.itos[i])
+             for i in x[0].tolist()]
+    targets = [VISIBLE.get(c, c) for c in tokenizer.decode(y[0].tolist())]
+    print("  t  " + "".join(f"{t:>5}" for t in range(len(shown))))
+    print("  x  " + "".join(f"{c:>5}" for c in shown))
+    print("  y  " + "".join(f"{c:>5}" for c in targets))
+    shifted = torch.equal(x[:, 1:], y[:, :-1]) and bool((x[:, 0] == tokenizer.bos_id).all())
+    print(f"x[t + 1] == y[t] for every t, and x[0] is BOS: {shifted} (should be True)")
     for path in plot_figures(text, tokenizer, args.fig_dir):
         print(f"figure: {path}")
     print("caption: the corpus is mostly lower-case letters and spaces; each character becomes one id.")

@@ -20,14 +20,11 @@ form a pair, read as the complex number x_2i + j*x_2i+1, and rotate by m * theta
 A rotation keeps vector lengths, and q'_m . k'_n depends only on m - n: the
 attention score sees relative position. Early pairs spin fast, late pairs slowly.
 
-Llama 3.1's frequency scaling (`use_scaled_rope`). Llama 3 was trained on 8,192-token
-windows; 3.1 reaches 131,072 tokens by slowing down the slow pairs. Pair i completes a
-turn every 2*pi / theta_i positions (its wavelength). Pairs whose wavelength is longer
-than 8,192 / low_freq_factor never made a full turn in training: their frequency is
-divided by a factor. Pairs shorter than 8,192 / high_freq_factor are kept, and the band
-between is blended smoothly (low_freq_factor 1, high_freq_factor 4). The factor is 8 for
-Llama 3.1, 3.3 and 3.2 11B/90B, and 32 for Llama 3.2 1B and 3B (their config.json says
-so; Meta's reference code hard-codes 8, which gives wrong logits for 1B and 3B).
+Llama 3.1's frequency scaling (`use_scaled_rope`, used by the real checkpoints of chapter 5).
+Llama 3 was trained on 8,192-token windows; 3.1 stretches RoPE to 131,072 by slowing the slow
+pairs down. Pair i makes a full turn every 2*pi / theta_i positions (its wavelength): pairs with
+wavelengths over 8,192 turn `scale_factor` times slower, pairs under 2,048 are kept, and the band
+between is slowed by a blend of the two (8 for Llama 3.1, 32 for Llama 3.2 1B and 3B).
 
 Needs: nothing from the other chapters.
 Run:   python 02_normalization_and_rope.py
@@ -60,25 +57,6 @@ class RMSNorm(nn.Module):
         return output * self.weight
 
 
-def apply_scaling(freqs: torch.Tensor, scale_factor: float, low_freq_factor: float = 1.0,
-                  high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
-    """Llama 3.1's RoPE scaling (Meta's `apply_scaling`, with the factor as a parameter).
-
-    Args:
-        freqs: (dim // 2,) frequencies theta_i.
-        scale_factor: 8 for Llama 3.1, 32 for Llama 3.2 1B and 3B.
-    Returns:
-        (dim // 2,): long wavelengths divided by scale_factor, short ones kept, the band between blended.
-    """
-    wavelen = 2 * math.pi / freqs
-    low_freq_wavelen = old_context_len / low_freq_factor  # longer than this: scaled
-    high_freq_wavelen = old_context_len / high_freq_factor  # shorter than this: kept
-    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)  # 0 .. 1 in the band
-    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
-    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
-
-
 def precompute_freqs_cis(dim: int, end: int, theta: float = 500000.0, use_scaled: bool = False,
                          scale_factor: float = 8.0) -> torch.Tensor:
     """The rotations e^(j * m * theta_i) for every position m < end and pair i < dim / 2.
@@ -97,6 +75,26 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 500000.0, use_scaled
     t = torch.arange(end, dtype=torch.float32)
     freqs = torch.outer(t, freqs)  # (end, dim // 2): angle m * theta_i
     return torch.polar(torch.ones_like(freqs), freqs)  # cos + j sin
+
+
+def apply_scaling(freqs: torch.Tensor, scale_factor: float, low_freq_factor: float = 1.0,
+                  high_freq_factor: float = 4.0, old_context_len: int = 8192) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of precompute_freqs_cis's frequencies (Meta's `apply_scaling`, with the factor
+    as a parameter).
+
+    Args:
+        freqs: (dim // 2,) frequencies theta_i.
+        scale_factor: 8 for Llama 3.1, 32 for Llama 3.2 1B and 3B.
+    Returns:
+        (dim // 2,): long wavelengths divided by scale_factor, short ones kept, the band between blended.
+    """
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = old_context_len / low_freq_factor  # longer than this: scaled
+    high_freq_wavelen = old_context_len / high_freq_factor  # shorter than this: kept
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)  # 0 .. 1 in the band
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
 def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +175,7 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
     ax.axhspan(2048, 8192, color="gray", alpha=0.15, label="blended band (2,048 to 8,192)")
     ax.axhline(8192, color="gray", ls="--", lw=1)
     ax.set_yscale("log")
-    ax.set(title="use_scaled_rope: pairs slower than the 8,192-token training window turn slower still",
+    ax.set(title="use_scaled_rope: pairs with wavelengths over 2,048 turn slower (by the factor over 8,192)",
            xlabel="pair i (head_dim 128, rope_theta 500000)", ylabel="wavelength 2π/θᵢ (positions, log scale)")
     ax.legend()
     fig.tight_layout()
@@ -197,7 +195,7 @@ def main() -> None:
     y = RMSNorm(16)(x)
     print(f"RMSNorm: {tuple(x.shape)} -> {tuple(y.shape)}")
     rms_before, rms_after = x.pow(2).mean(-1).sqrt().mean(), y.pow(2).mean(-1).sqrt().mean()
-    print(f"  RMS before {rms_before:.3f}, after {rms_after:.3f} (close to 1)")
+    print(f"  RMS before {rms_before:.3f}, after {rms_after:.3f} (should be 1.000)")
 
     head_dim, seqlen = 8, 16
     freqs_cis = precompute_freqs_cis(head_dim, seqlen)
@@ -206,25 +204,26 @@ def main() -> None:
     k = torch.randn(1, seqlen, 1, head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
     rq, rk = apply_rotary_emb(q, k, freqs_cis)
     print(f"apply_rotary_emb: q {tuple(rq.shape)}, k {tuple(rk.shape)}")
-    print(f"  norms kept: {torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)}")
+    print(f"  every vector keeps its length: {torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)} "
+          f"(should be True)")
 
     # Put the same q and k at positions (m, n) and (m + 5, n + 5): the score is unchanged.
     qv = torch.randn(head_dim).expand(1, seqlen, 1, head_dim)
     kv = torch.randn(head_dim).expand(1, seqlen, 1, head_dim)
     rq, rk = apply_rotary_emb(qv, kv, freqs_cis)
     s1, s2 = rq[0, 7, 0] @ rk[0, 3, 0], rq[0, 12, 0] @ rk[0, 8, 0]
-    print(f"  q.k at positions (7, 3) = {s1:.4f}, at (12, 8) = {s2:.4f}: depends only on m - n")
+    print(f"  q.k at positions (7, 3) = {s1:.4f}, at (12, 8) = {s2:.4f} (should be equal: only m - n counts)")
 
     # Llama 3.1's scaling on Llama 3's real head (head_dim 128): which pairs change, and by how much.
     freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
     ratio = freqs / apply_scaling(freqs, scale_factor=32)
     kept, divided = torch.isclose(ratio, torch.tensor(1.0)), torch.isclose(ratio, torch.tensor(32.0))
     print(f"use_scaled_rope (factor 32): {int(kept.sum())} fast pairs kept, {int(divided.sum())} slow pairs "
-          f"divided by 32, {int((~kept & ~divided).sum())} blended")
+          f"divided by 32, {int((~kept & ~divided).sum())} in the band slowed by less (should add up to 64)")
     for path in plot_figures(args.fig_dir):
         print(f"figure: {path}")
     print("caption: low pairs spin fast and high pairs slowly; the score depends on distance only; "
-          "RMSNorm brings every token to RMS 1; scaling slows only the pairs slower than the training window.")
+          "RMSNorm brings every token to RMS 1; scaling slows the pairs with wavelengths over 2,048 positions.")
 
 
 if __name__ == "__main__":

@@ -263,18 +263,19 @@ def main() -> None:
         attn.fused = False
         manual = attn(x, freqs_cis)
         attn.fused = True
-        print(f"  manual path equals fused path: {torch.allclose(manual, out, atol=1e-5)}")
+        print(f"  manual path equals fused path: {torch.allclose(manual, out, atol=1e-5)} (should be True)")
 
         x2 = x.clone()
         x2[:, 6:] = torch.randn(2, seqlen - 6, dim)  # change the future
         out2 = attn(x2, freqs_cis)
-        print(f"  changing tokens 6.. leaves outputs 0..5 unchanged: {torch.allclose(out[:, :6], out2[:, :6])}")
+        print(f"  changing tokens 6.. leaves outputs 0..5 unchanged: {torch.allclose(out[:, :6], out2[:, :6])} "
+              f"(should be True: causal)")
 
         prefix = attn(x[:, :4], freqs_cis[:4], start_pos=0)
         steps = [attn(x[:, t : t + 1], freqs_cis[t : t + 1], start_pos=t) for t in range(4, seqlen)]
         cached = torch.cat([prefix, *steps], dim=1)
         print(f"  cached (prefix of 4, then one token at a time) equals uncached: "
-              f"{torch.allclose(cached, out, atol=1e-5)}; cache_k {tuple(attn.cache_k.shape)}")
+              f"{torch.allclose(cached, out, atol=1e-5)} (should be True); cache_k {tuple(attn.cache_k.shape)}")
     for path in plot_figures(args.fig_dir):
         print(f"figure: {path}")
     print("caption: each query attends only to itself and earlier keys; the cache gains one slot per new token.")

@@ -140,7 +140,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     print(f"FFN hidden size for Llama 3 8B (dim 4096, multiple_of 1024, ffn_dim_multiplier 1.3): "
-          f"{ffn_hidden_dim(4 * 4096, 1024, 1.3)}")
+          f"{ffn_hidden_dim(4 * 4096, 1024, 1.3)} (should be 14336, as in Meta's checkpoint)")
     dim, seqlen = 64, 12
     block = TransformerBlock(0, dim, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=None,
                              norm_eps=1e-5, max_batch_size=2, max_seq_len=seqlen)
@@ -153,7 +153,14 @@ def main() -> None:
     n_ffn = sum(p.numel() for p in block.feed_forward.parameters())
     print(f"TransformerBlock: x {tuple(x.shape)} -> out {tuple(out.shape)}; "
           f"parameters: attention {n_attn:,}, feed-forward {n_ffn:,}")
-    print(f"  the residual path keeps the input: |out - x| / |x| = {((out - x).norm() / x.norm()):.3f}")
+    # Zero the two projections that write into the residual stream: both branches then add nothing, and the
+    # block passes its input through untouched, the path that lets deep LLaMAs train.
+    with torch.no_grad():
+        block.attention.wo.weight.zero_()
+        block.feed_forward.w2.weight.zero_()
+        passed = block(x, freqs_cis)
+    print(f"  with wo and w2 zeroed, the residual path alone: max |out - x| = {(passed - x).abs().max():.1f} "
+          f"(should be 0.0)")
 
     # The figure counts the real thing: one block with Llama 3 8B's sizes, on the meta device (no memory).
     with torch.device("meta"):

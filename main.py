@@ -5,13 +5,14 @@
       -> n_layers x TransformerBlock            (chapter 4, using chapters 2 and 3)
       -> norm (RMSNorm) -> output (Linear)      (bsz, seqlen, vocab_size) logits
 
-Training minimizes the cross-entropy of the next character with AdamW, or with Muon
-for the matrices inside the blocks (see `configure_optimizer`), after a linear warmup
-of the learning rate, then a cosine decay or WSD (flat, then a linear decay: `get_lr`).
-Generation runs the prompt through
-the model once (filling the KV cache), then feeds one token at a time, sampling
-with temperature and top-p (nucleus) sampling.
+Read it in order: the model (Meta's `Transformer`); the recipe (`TrainConfig`, and what in it is ours,
+not Meta's); the learning rate and the optimizers (AdamW, and Muon for the matrices inside the blocks);
+one training step and the evaluation; the training loop; generation (temperature and top-p sampling
+through the KV cache); the entry points. What a run needs from the command line, the operating system
+and a cluster (flags, signals, the out-dir lock, progress lines, checkpoint contents, torch.distributed,
+the loss plot) lives in plumbing/, out of the way.
 
+Needs: chapters 1-4.
 Run:   python main.py                      # train the default CPU model, then sample
        python main.py --sample --prompt "ROMEO:"
        python main.py --help               # every flag
@@ -22,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,26 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import cli
-from plumbing.runtime import (
-    Progress,
-    Stopped,
-    StopSignals,
-    all_ranks_max,
-    collective_errors,
-    gather_from_ranks,
-    lock_out_dir,
-    pick_device,
-    save_checkpoint,
-    setup_distributed,
-    teardown_distributed,
-    wait_for_all_ranks,
-)
+from plumbing import cli, runtime
+from plumbing.checkpoint import check_resumable, read_checkpoint, restore_training, training_checkpoint
+from plumbing.reports import draw_attention, write_loss_log, write_metrics
 
 inputs = importlib.import_module("01_input_block")
 rope = importlib.import_module("02_normalization_and_rope")
 attention = importlib.import_module("03_attention")
 blocks = importlib.import_module("04_feedforward_and_transformer_block")
+
 
 
 # ----------------------------------------------------------------------------- model
@@ -149,57 +138,76 @@ class Transformer(nn.Module):
         return logits, loss
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the recipe
 
 
 @dataclass
 class TrainConfig:
+    """How the model is trained. The defaults are the CPU run, `python main.py`: 1,000 steps of 32 windows of
+    128 characters, a minute and a half to three minutes on a laptop CPU (docs/performance.md has the runs
+    behind every number)."""
+
     batch_size: int = 32
     max_iters: int = 1000
-    learning_rate: float = 8e-3
-    min_lr: float = 8e-5
+    learning_rate: float = 8e-3  # AdamW's peak
+    min_lr: float = 8e-5  # AdamW's floor at the end of the decay; Muon's is scaled by the ratio of the peaks
     warmup_iters: int = 50
-    lr_decay_iters: int | None = None  # None: decay until max_iters
+    lr_decay_iters: int | None = None  # where the decay ends; None: max_iters (--resume --max-iters keeps it)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
     eval_interval: int = 250
-    eval_iters: int = 10
+    eval_iters: int = 5
     seed: int = 1337
-    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' matrices, AdamW for the rest
-    muon_lr: float = 0.02  # Muon's peak learning rate; learning_rate is AdamW's
-    schedule: str = "cosine"  # "cosine", or "wsd": warmup, stable (flat), then a linear decay
-    cooldown_frac: float = 0.4  # wsd: the share of lr_decay_iters spent decaying
+    optimizer: str = "muon"  # "muon": Muon for the blocks' matrices and AdamW for the rest; "adamw": AdamW for all
+    muon_lr: float = 0.015  # Muon's peak
+    schedule: str = "wsd"  # "wsd": warmup, stable (flat), then a linear decay; "cosine": warmup, then a cosine
+    cooldown_frac: float = 0.6  # wsd: the share of lr_decay_iters spent decaying
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        if self.optimizer not in ("adamw", "muon") or self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"optimizer {self.optimizer!r} or schedule {self.schedule!r} is unknown; "
+                             f"choose adamw or muon, and cosine or wsd")
+        if not 0 < self.cooldown_frac <= 1:
+            raise ValueError(f"--cooldown-frac {self.cooldown_frac:g}: the decay cannot be longer than the run; "
+                             f"give a value in (0, 1]")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"--learning-rate {self.learning_rate:g} is below the final learning rate "
+                             f"(min_lr {self.min_lr:g}); give a smaller --min-lr too")
 
 
-# `--preset cpu` (the default) learns in about three minutes on a 2-core laptop CPU: the dataclass defaults
-# (1,000 steps of 32 x 128 characters) with Muon and WSD, which beat AdamW and the cosine (the README lists
-# the runs behind these numbers).
-# `--preset gpu` is sized like nanoGPT's 10.7M-parameter Shakespeare model. It learns faster than
-# nanoGPT's GPT and overfits sooner: on an H100, 5000 steps at dropout 0.2 ended at val 1.89 (best 1.47
-# at step 1250); 2500 steps at dropout 0.3 end at 1.48.
-PRESETS: dict[str, tuple[ModelArgs, TrainConfig]] = {
-    "cpu": (
-        ModelArgs(),
-        TrainConfig(eval_iters=5, optimizer="muon", muon_lr=0.015, schedule="wsd", cooldown_frac=0.6),
-    ),
-    "gpu": (
-        ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256, max_batch_size=64, dropout=0.3),
-        TrainConfig(batch_size=64, max_iters=2500, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
-                    beta2=0.99, eval_interval=250, eval_iters=50),
-    ),
+# `--preset gpu` is nanoGPT's 10.7M-parameter Shakespeare size for one GPU, written as its differences from the
+# defaults. It learns faster than nanoGPT's GPT and overfits sooner, hence 2,500 steps and dropout 0.3.
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "cpu": ({}, {}),
+    "gpu": (dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256, max_batch_size=64, dropout=0.3),
+            dict(batch_size=64, max_iters=2500, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                 eval_iters=50, optimizer="adamw", schedule="cosine")),
 }
+
+# What is ours, not Meta's. The model above is Meta's, name for name. How it is trained is our recipe for a
+# small model on a laptop CPU; Meta trained Llama 3 with AdamW, a cosine schedule and 8,192-token windows.
+# - Muon for the matrices inside the blocks (AdamW for the rest): about 0.1 lower val loss at 1,000 steps.
+# - WSD: the learning rate stays flat, then falls in a straight line over the last 60% of the steps.
+# - Every training window opens with <|begin_of_text|>, as every generation does (chapter 1).
+# - GPT-2's initialization (in Transformer) and, in the GPU preset, dropout: Meta's code only loads trained weights.
+
+
+# ----------------------------------------------------------------------------- learning rate and optimizers
+
+# Muon (MomentUm Orthogonalized by Newton-Schulz) keeps SGD's momentum, then orthogonalizes each matrix's
+# update: a plain gradient step is dominated by a few large directions; the orthogonalized one moves every
+# direction of the matrix by the same amount, so rarely used directions learn too.
 
 
 def get_lr(step: int, cfg: TrainConfig, peak_lr: float | None = None) -> float:
-    """The learning rate at `step`: a linear warmup to the peak, then the decay that cfg.schedule names.
-
-    cosine: a cosine from the peak down to the floor at lr_decay_iters.
-    wsd (warmup, stable, decay): flat at the peak, then a straight line down to the floor over the last
-        cooldown_frac of lr_decay_iters. The high flat stretch explores; the short decay settles into a minimum.
-    Both stay at the floor after lr_decay_iters.
+    """The learning rate at `step`: a linear warmup to the peak, then cosine (a cosine down to the floor at
+    lr_decay_iters) or wsd (flat at the peak, then a straight line down to the floor over the last cooldown_frac
+    of lr_decay_iters: the flat stretch explores, the short decay settles). The floor after that.
 
     Args:
         peak_lr: the optimizer's peak; default cfg.learning_rate (AdamW's). The floor is min_lr scaled by
@@ -207,7 +215,7 @@ def get_lr(step: int, cfg: TrainConfig, peak_lr: float | None = None) -> float:
     """
     peak = cfg.learning_rate if peak_lr is None else peak_lr
     floor = cfg.min_lr * peak / cfg.learning_rate
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    decay_iters = cfg.lr_decay_iters
     if step < cfg.warmup_iters:
         return peak * (step + 1) / cfg.warmup_iters
     if step >= decay_iters:
@@ -245,11 +253,9 @@ def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: floa
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon, computed as torch.optim.Muon computes it (Nesterov momentum, 5 Newton-Schulz steps, updates
-    scaled by sqrt(max(1, rows / cols)), decoupled weight decay), except that the Newton-Schulz products
-    run in `ns_dtype`. torch.optim.Muon always uses bfloat16: fast on a GPU, but emulated by a CPU without
-    bf16 instructions, where one Muon step of the default model took 122 ms in bfloat16 against 16 ms in
-    float32, one matrix at a time (a forward and backward pass of the batch: 330 ms).
+    """Muon, computed as torch.optim.Muon computes it: Nesterov momentum, 5 Newton-Schulz steps, updates
+    scaled by sqrt(max(1, rows / cols)), decoupled weight decay. One difference: the Newton-Schulz products run
+    in `ns_dtype` (torch.optim.Muon always uses bfloat16, which a CPU without bf16 instructions emulates slowly).
     """
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95,
@@ -288,19 +294,10 @@ def is_muon_param(name: str, p: nn.Parameter) -> bool:
 
 
 def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
-    """The optimizers that together update every parameter, AdamW first.
-
-    adamw: AdamW for everything; weight decay on matrices (embeddings, linear layers), not on norm gains.
-    muon: Muon for the blocks' matrices, AdamW for the embeddings, the output layer and the norm gains.
-
-    Muon (MomentUm Orthogonalized by Newton-Schulz) keeps SGD's momentum, then orthogonalizes each
-    matrix's update: a few Newton-Schulz iterations, cheap matrix products, push the update's singular
-    values towards 1. A plain gradient step is dominated by a few large directions; the orthogonalized
-    one moves every direction of the matrix by the same amount, so rarely used directions learn too.
-    That reasoning is about a matrix mapping one hidden vector to another. The embedding and output
-    layers are lookups and classifiers over the vocabulary (a row per character, updated only when it
-    occurs), and norm gains are vectors, so those stay on AdamW.
-    """
+    """The optimizers that together update every parameter, AdamW first. adamw: AdamW for everything.
+    muon: Muon for the blocks' matrices; AdamW for the embeddings and the output layer (lookups and a classifier
+    over the vocabulary, not maps between hidden vectors) and the norm gains (vectors). AdamW decays the
+    matrices' weights, not the norm gains."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if cfg.optimizer == "muon" and is_muon_param(n, p)]
     rest = [p for n, p in named if not (cfg.optimizer == "muon" and is_muon_param(n, p))]
@@ -314,16 +311,23 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) ->
                           fused=device_type in ("cpu", "cuda"))]
     if muon:
         # Updates are scaled as in Keller Jordan's Muon ("original" in torch.optim.Muon): by
-        # sqrt(max(1, rows / cols)), so a tall w1 moves as much per output as a square wq. muon_lr is tuned
-        # on its own, not tied to AdamW's (the README lists the runs).
+        # sqrt(max(1, rows / cols)), so a tall w1 moves as much per output as a square wq.
         ns_dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
         optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype))
     return optimizers
 
 
-def peak_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> float:
-    """The optimizer's peak learning rate: muon_lr for Muon, learning_rate for AdamW."""
-    return cfg.muon_lr if isinstance(optimizer, Muon) else cfg.learning_rate
+def learning_rates(step: int, optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> dict[str, float]:
+    """Each optimizer's learning rate at `step`, by name, in the order of `optimizers`: Muon's schedule starts
+    from muon_lr, AdamW's from learning_rate."""
+    rates = {}
+    for optimizer in optimizers:
+        muon = isinstance(optimizer, Muon)
+        rates["muon" if muon else "adamw"] = get_lr(step, cfg, cfg.muon_lr if muon else cfg.learning_rate)
+    return rates
+
+
+# ----------------------------------------------------------------------------- one step and evaluation
 
 
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer],
@@ -388,71 +392,199 @@ def evaluate_split(model: nn.Module, data: np.ndarray, seq_len: int, bos_id: int
     return total / n
 
 
-# ----------------------------------------------------------------------------- checkpoints and logs
+# ----------------------------------------------------------------------------- the training loop
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint holding tensors and plain data only (weights_only=True: never runs pickled code).
+@dataclass
+class RunState:
+    """What changes as training goes. With the weights and the optimizer states, it is all that --resume
+    needs to go on exactly where a run stopped."""
 
-    Raises:
-        FileNotFoundError: no file at path.
-        ValueError: the file is not a checkpoint of this program (truncated, foreign, or unsafe).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (python main.py --out-dir {path.parent})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; all mean the same here
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                         f"delete it and train again") from e
-    required = {"model", "model_args", "tokenizer", "step"}
-    if not isinstance(checkpoint, dict) or required - checkpoint.keys():
-        raise ValueError(f"{path} is not a checkpoint of main.py (it needs the keys {sorted(required)})")
-    try:  # the weights must fit the model settings stored beside them
-        model_from_checkpoint(checkpoint)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a checkpoint of main.py ({type(e).__name__}: {e}); "
-                         f"delete it and train again") from e
-    return checkpoint
+    data_gen: torch.Generator  # this rank's stream of batches: the same state gives the same batches
+    step: int = 0
+    best_val: float = float("inf")
+    loss_log: list[dict] = field(default_factory=list)  # one row per evaluation
+    last_eval: int = -1  # the step of the latest evaluation, so that a resumed run does not repeat it
 
 
-def model_from_checkpoint(checkpoint: dict) -> Transformer:
-    """The Transformer that a checkpoint's `model_args` describe, with its weights loaded (strictly)."""
-    model = Transformer(ModelArgs(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    return model
+@dataclass
+class Run:
+    """One process's training run: its settings, data, model and optimizers, and its RunState."""
+
+    model_args: ModelArgs
+    cfg: TrainConfig
+    tokenizer: inputs.CharTokenizer
+    train_data: np.ndarray
+    val_data: np.ndarray
+    raw_model: Transformer  # what is evaluated, saved and sampled
+    model: nn.Module  # what trains: raw_model, compiled and wrapped in DDP when asked
+    optimizers: list[torch.optim.Optimizer]
+    state: RunState
+    dtype: str  # "bfloat16" (autocast, float32 weights) or "float32"
+    device: str
+    rank: int
+    world_size: int
+    out_dir: Path
+
+    @property
+    def autocast(self) -> torch.autocast | nullcontext:
+        bf16 = self.dtype == "bfloat16"
+        return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world_size * self.model_args.max_seq_len
+
+    def log(self, line: str) -> None:
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            print(line)
 
 
-def write_loss_log(log: list[dict], cfg: TrainConfig, out_dir: Path) -> None:
-    """out/loss.csv (pandas) and out/loss.png (matplotlib): the losses at each evaluation, and the learning
-    rate (AdamW's; Muon's has the same shape) at every step."""
-    import matplotlib
+def train(args: argparse.Namespace, rank: int, world_size: int, device: str, t_start: float) -> None:
+    """One process of a training run (one per rank under torchrun; rank 0 evaluates, saves and reports)."""
+    run = set_up(args, rank, world_size, device)
+    cfg, state = run.cfg, run.state
+    progress = runtime.Progress(cfg.max_iters, state.step, run.tokens_per_step, args.log_interval, enabled=rank == 0)
+    with runtime.StopSignals() as stop:
+        while state.step < cfg.max_iters:
+            # once in a while: evaluate, and save a checkpoint (best.pt too when val improved)
+            if state.step % cfg.eval_interval == 0 and state.step != state.last_eval:
+                evaluate_and_save(run, progress)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
+            # one training step: grad_accum micro-batches, then each optimizer at its scheduled learning rate
+            t0 = time.perf_counter()
+            batches = [inputs.get_batch(run.train_data, cfg.batch_size, run.model_args.max_seq_len,
+                                        run.tokenizer.bos_id, state.data_gen, device) for _ in range(cfg.grad_accum)]
+            lrs = learning_rates(state.step, run.optimizers, cfg)
+            loss = train_step(run.model, run.optimizers, batches, list(lrs.values()), cfg.grad_clip, run.autocast)
+            seconds = time.perf_counter() - t0
 
-    df = pd.DataFrame(log)
-    df.to_csv(out_dir / "loss.csv", index=False)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(df["step"], df["train_loss"], marker="o", ms=3, label="train")
-    ax.plot(df["step"], df["val_loss"], marker="o", ms=3, label="val")
-    ax.set(title="LLaMA 3 on Tiny Shakespeare", xlabel="step", ylabel="cross-entropy loss (nats per character)")
-    ax.grid(alpha=0.3)
-    tokens_per_step = df["tokens"].iloc[-1] / max(1, df["step"].iloc[-1])
-    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
-                                               lambda t: t * 1e6 / tokens_per_step))
-    top.set_xlabel("tokens seen (millions)")
-    lr_ax = ax.twinx()
-    steps = np.arange(df["step"].iloc[-1] + 1)
-    lr_ax.plot(steps, [get_lr(s, cfg) for s in steps], color="gray", ls="--", label="learning rate")
-    lr_ax.set_ylabel("learning rate")
-    lr_ax.set_ylim(bottom=0)
-    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper right")  # one box: losses and learning rate
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=90)
-    plt.close(fig)
+            # every rank stops at the same step or none does: on a loss that diverged, or on Ctrl-C / SIGTERM
+            signum, bad_loss = runtime.all_ranks_max([stop.signum, not math.isfinite(loss)], device)
+            if bad_loss:
+                raise diverged(run, loss)
+            state.step += 1
+            progress.update(state.step, loss, lrs, seconds)
+            if signum:
+                save(run)
+                progress.close()
+                raise runtime.interrupted(signum, state.step, run.out_dir / "ckpt.pt", world_size, args.data, run.log)
+    progress.close()
+    finish(run, args, progress, t_start)
+
+
+def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) -> Run:
+    """Everything one process needs to train: the settings, the data, the model and its optimizers, new or as
+    out-dir/ckpt.pt left them (--resume)."""
+    ckpt_path = args.out_dir / "ckpt.pt"
+    resume = args.resume is True or (args.resume == "auto" and ckpt_path.exists())
+    checkpoint = load_checkpoint(ckpt_path) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, ckpt_path)
+    model_args, cfg = resolve_configs(args, checkpoint)
+    tokenizer, train_data, val_data = load_data(args, model_args.max_seq_len, checkpoint)
+    model_args = replace(model_args, vocab_size=tokenizer.vocab_size)
+
+    device_type = device.split(":")[0]
+    dtype = args.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    torch.manual_seed(cfg.seed)
+    raw_model = Transformer(model_args).to(device)
+    optimizers = configure_optimizer(raw_model, cfg, device_type)
+    state = RunState(data_gen=torch.Generator().manual_seed(cfg.seed + rank))  # every rank samples its own batches
+    run = Run(model_args, cfg, tokenizer, train_data, val_data, raw_model, raw_model, optimizers, state, dtype,
+              device, rank, world_size, args.out_dir)
+    if checkpoint is not None:
+        restore_training(checkpoint, raw_model, optimizers, state, rank, world_size, device_type, run.log)
+        run.log(f"resumed from {ckpt_path} at step {state.step}")
+    if args.compile:
+        run.model = torch.compile(raw_model)
+    if world_size > 1:
+        run.model = DDP(run.model, device_ids=[device] if device_type == "cuda" else None)
+    run.log(f"device {device} ({dtype}{', compiled' if args.compile else ''}), "
+            f"{sum(p.numel() for p in raw_model.parameters()):,} parameters, "
+            f"{len(train_data):,} train / {len(val_data):,} val tokens")
+    run.log(f"global batch {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} ranks = "
+            f"{run.tokens_per_step:,} tokens per step; {cfg.max_iters} steps")
+    return run
+
+
+def load_data(args: argparse.Namespace, seq_len: int, checkpoint: dict | None) -> tuple:
+    """The character tokenizer of --data and its 90/10 split into token ids, checked against the checkpoint
+    being resumed, the prompt and the context length. Returns (tokenizer, train_data, val_data)."""
+    text = inputs.load_text(args.data)
+    tokenizer = inputs.CharTokenizer.from_text(text)
+    if checkpoint is not None and tokenizer.chars != checkpoint["tokenizer"]["chars"]:
+        raise ValueError(f"--data gives a different vocabulary than {args.out_dir / 'ckpt.pt'} was trained on; "
+                         f"use the same --data, or train a new model in another --out-dir")
+    check_prompt(tokenizer, args.prompt)  # now, not after training
+    train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(text), dtype=np.int64))
+    if len(val_data) <= seq_len:
+        raise ValueError(f"--data has {len(text):,} characters: too short for --seq-len {seq_len} "
+                         f"(its last 10% must hold one window); give a longer file or a smaller --seq-len")
+    return tokenizer, train_data, val_data
+
+
+def evaluate_and_save(run: Run, progress: runtime.Progress) -> None:
+    """Rank 0 estimates the train and val loss; then every rank takes part in the save (it gathers their batch
+    streams), which also writes best.pt when val is the lowest so far (a model that overfits keeps its best)."""
+    state = run.state
+    improved = False
+    if run.rank == 0:
+        train_loss, val_loss = (estimate_loss(run.raw_model, data, run.cfg, run.model_args.max_seq_len,
+                                              run.tokenizer.bos_id, run.device, run.autocast)
+                                for data in (run.train_data, run.val_data))
+        if not math.isfinite(train_loss + val_loss):  # stop before a diverged model overwrites the checkpoint
+            raise diverged(run, train_loss + val_loss)
+        improved, state.best_val = val_loss < state.best_val, min(state.best_val, val_loss)
+        state.loss_log.append({"step": state.step, "tokens": state.step * run.tokens_per_step,
+                               "lr": get_lr(state.step, run.cfg), "train_loss": train_loss, "val_loss": val_loss})
+        progress.write(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+    state.last_eval = state.step
+    save(run, best=improved)
+
+
+def save(run: Run, best: bool = False) -> None:
+    """Rank 0 writes out-dir/ckpt.pt (and best.pt), with every rank's batch-stream state, so that --resume is
+    exact. Every rank must call it: the gather is a collective."""
+    data_states = runtime.gather_from_ranks(run.state.data_gen.get_state())
+    if run.rank == 0:
+        checkpoint = training_checkpoint(run.raw_model, run.optimizers, asdict(run.model_args), asdict(run.cfg),
+                                         run.tokenizer.to_dict(), run.state, data_states, run.device.split(":")[0])
+        runtime.save_checkpoint(run.out_dir / "ckpt.pt", checkpoint)
+        if best:
+            runtime.save_checkpoint(run.out_dir / "best.pt", checkpoint)
+
+
+def diverged(run: Run, loss: float) -> FloatingPointError:
+    return FloatingPointError(f"the loss became {loss} at step {run.state.step}: training diverged. The last good "
+                              f"checkpoint is {run.out_dir / 'ckpt.pt'}; try a lower --learning-rate")
+
+
+def finish(run: Run, args: argparse.Namespace, progress: runtime.Progress, t_start: float) -> None:
+    """After the last step: a last evaluation and save; then rank 0 measures the loss over the whole val split,
+    writes loss.csv, loss.png and metrics.json, and prints a sample."""
+    if run.state.step != run.state.last_eval:
+        evaluate_and_save(run, progress)
+    else:
+        save(run)
+    if run.rank != 0:
+        return
+    final_val = evaluate_split(run.raw_model, run.val_data, run.model_args.max_seq_len, run.tokenizer.bos_id,
+                               run.cfg.batch_size, run.device, run.autocast)
+    write_loss_log(run.state.loss_log, lambda step: learning_rates(step, run.optimizers, run.cfg), run.out_dir)
+    print(f"final val loss (whole val split) {final_val:.4f}; {progress.tokens_per_s():,.0f} train tokens/s")
+    print(f"wrote {run.out_dir / 'ckpt.pt'}, {run.out_dir / 'loss.csv'}, {run.out_dir / 'loss.png'}")
+    sample = generate(run.raw_model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                      torch.Generator().manual_seed(run.cfg.seed))
+    print(f"\n--- sample (temperature {args.temperature}, top-p {args.top_p}) ---\n{args.prompt}{sample}")
+    metrics = {"final_val_loss": final_val, "final_train_loss": run.state.loss_log[-1]["train_loss"],
+               "train_tokens_per_s": progress.tokens_per_s(), "wall_s": time.perf_counter() - t_start,
+               "params": sum(p.numel() for p in run.raw_model.parameters()), "iters": run.state.step,
+               "device": run.device, "dtype": run.dtype}
+    if run.device.startswith("cuda"):
+        metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    write_metrics(run.out_dir / "metrics.json", metrics)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -547,226 +679,73 @@ def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, 
         model.train(was_training)
 
 
-def plot_attention(model: Transformer, tokenizer, text: str, path: Path) -> None:
-    """The trained model's causal attention weights over `text`, for every head of the last layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens = torch.tensor([tokenizer.encode(text, bos=True)[: model.params.max_seq_len]])  # as in training
+@torch.no_grad()
+def last_layer_attention(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The attention weights of every head of the last layer over tokens (1, seqlen), as the model computes
+    them in its forward pass. Returns (n_heads, seqlen, seqlen)."""
     seqlen = tokens.shape[1]
-    model.eval()
+    freqs_cis = model.freqs_cis[:seqlen].to(tokens.device)
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers[:-1]:
+        h = layer(h, freqs_cis)  # the last layer's input
     last = model.layers[-1]
-    with torch.no_grad():
-        freqs_cis = model.freqs_cis[:seqlen].to(tokens.device)
-        h = model.tok_embeddings(tokens)
-        for layer in model.layers[:-1]:
-            h = layer(h, freqs_cis)  # the last layer's input
-        weights = attention.attention_weights(last.attention, last.attention_norm(h), freqs_cis)[0]
-    n_heads, n_rep = weights.shape[0], last.attention.n_rep
-    labels = ["BOS", *(inputs.VISIBLE.get(c, c) for c in tokenizer.decode(tokens[0, 1:].tolist()))]
-    ncols = min(n_heads, 2)  # a 2-column grid keeps one label per character legible
-    nrows = -(-n_heads // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 6.5 * nrows + 0.6), layout="constrained",
-                             squeeze=False)
-    for head, ax in enumerate(axes.flat):
-        if head >= n_heads:
-            ax.axis("off")
-            continue
-        ax.imshow(weights[head].numpy(), cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(seqlen), labels, fontsize=6.5, family="monospace")
-        ax.set_yticks(range(seqlen), labels, fontsize=6.5, family="monospace")
-        ax.tick_params(length=0)
-        ax.set(title=f"head {head} (KV head {head // n_rep})", xlabel="key: the character attended to",
-               ylabel="query: the current character")
-    fig.suptitle(f"Trained model, last layer: causal attention over {text!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return attention.attention_weights(last.attention, last.attention_norm(h), freqs_cis)[0]
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- entry points
 
 DEFAULT_PROMPT = "ROMEO:"
 ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python main.py [flags]`: train (one process, or one per rank under torchrun), or --sample. Every problem
+    ends in one line `error: ...`; Ctrl-C and SIGTERM end with the exit status of the signal."""
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.plot_attention and not args.sample:
+            raise ValueError("--plot-attention draws a trained model: use it with --sample, after training")
+        if args.sample:
+            sample_only(args)
+        else:
+            with runtime.training_process(args.device, args.out_dir) as (rank, world_size, device):
+                train(args, rank, world_size, device, t_start)
+    except runtime.Stopped as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (OSError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of main.py (written out in plumbing/cli.py), with each preset's defaults in --help."""
-    return cli.build_parser(PRESETS, DEFAULT_PROMPT)
+    presets = {name: (ModelArgs(**m), TrainConfig(**t)) for name, (m, t) in PRESETS.items()}
+    return cli.build_parser(presets, DEFAULT_PROMPT)
 
 
 def resolve_configs(args: argparse.Namespace, checkpoint: dict | None) -> tuple[ModelArgs, TrainConfig]:
-    """Start from the preset (or the checkpoint being resumed) and apply the flags given."""
-    if checkpoint is None:
-        model_args, cfg = PRESETS[args.preset]
-    else:
-        model_args = ModelArgs(**checkpoint["model_args"])
-        cfg = TrainConfig(**checkpoint["train_config"])
-    return cli.apply_flags(args, model_args, cfg, resuming=checkpoint is not None)
-
-
-def train(args: argparse.Namespace, t_start: float) -> None:
-    """Train from the command-line flags; under torchrun, one process per rank with DistributedDataParallel.
-    Rank 0 locks the out-dir first (one run per out-dir), so a second run fails before any work."""
-    rank, world_size, device = setup_distributed(pick_device(args.device))
+    """The run's settings: the preset's (or those of the checkpoint being resumed), with the flags given on top."""
+    fields = PRESETS[args.preset] if checkpoint is None else (checkpoint["model_args"], checkpoint["train_config"])
+    model_fields, train_fields = cli.merge_flags(args, *fields, resuming=checkpoint is not None)
     try:
-        with lock_out_dir(args.out_dir) if rank == 0 else nullcontext(), collective_errors():
-            train_process(args, t_start, rank, world_size, device)
-    finally:
-        teardown_distributed()
+        return ModelArgs(**model_fields), TrainConfig(**train_fields)
+    except TypeError as e:  # a checkpoint whose settings this main.py does not know
+        raise ValueError(f"--resume: the checkpoint's settings do not fit this main.py ({e})") from e
 
 
-def train_process(args: argparse.Namespace, t_start: float, rank: int, world_size: int, device: str) -> None:
-    """What one process does: set up, train, and on rank 0 evaluate, save, plot and sample."""
-    master = rank == 0
-    device_type = device.split(":")[0]
-    log = print if master else (lambda *a, **k: None)
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint of main.py, read safely (weights_only: never pickled code) and checked: its weights must fit
+    its model_args. Raises FileNotFoundError or ValueError."""
+    return read_checkpoint(path, check=model_from_checkpoint)
 
-    out_dir: Path = args.out_dir
-    ckpt_path = out_dir / "ckpt.pt"
-    resume = args.resume is True or (args.resume == "auto" and ckpt_path.exists())
-    checkpoint = load_checkpoint(ckpt_path) if resume else None
-    model_args, cfg = resolve_configs(args, checkpoint)
 
-    text = inputs.load_text(args.data)
-    tokenizer = inputs.CharTokenizer.from_text(text)
-    if checkpoint is not None and tokenizer.chars != checkpoint["tokenizer"]["chars"]:
-        raise ValueError(f"--data gives a different vocabulary than {ckpt_path} was trained on; "
-                         f"use the same --data, or train a new model in another --out-dir")
-    check_prompt(tokenizer, args.prompt)  # now, not after training
-    data = np.array(tokenizer.encode(text), dtype=np.int64)
-    train_data, val_data = inputs.train_val_split(data)
-    if len(val_data) <= model_args.max_seq_len:
-        raise ValueError(f"--data has {len(text):,} characters: too short for --seq-len "
-                         f"{model_args.max_seq_len} (its last 10% must hold one window); "
-                         f"give a longer file or a smaller --seq-len")
-    model_args = replace(model_args, vocab_size=tokenizer.vocab_size)
-
-    dtype = args.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_args).to(device)
-    optimizers = configure_optimizer(model, cfg, device_type)
-    data_gen = torch.Generator().manual_seed(cfg.seed + rank)  # every rank samples its own batches
-    step, best_val, loss_log = 0, float("inf"), []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        for optimizer, state in zip(optimizers, checkpoint["optimizer"], strict=True):
-            optimizer.load_state_dict(state)
-        step, best_val, loss_log = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["loss_log"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device_type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        data_states = checkpoint["rng"]["data"]  # one per rank: each rank goes on with its own batches
-        if len(data_states) == world_size:
-            data_gen.set_state(data_states[rank])
-        else:
-            data_gen.manual_seed(cfg.seed + rank + 1000003 * step)
-            log(f"note: {ckpt_path} was saved by {len(data_states)} processes and this run has {world_size}: "
-                f"every rank draws new batches, so this run will not repeat an uninterrupted one")
-        log(f"resumed from {ckpt_path} at step {step}")
-
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
-
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * model_args.max_seq_len
-    log(f"device {device} ({dtype}{', compiled' if args.compile else ''}), {n_params:,} parameters, "
-        f"{len(train_data):,} train / {len(val_data):,} val tokens")
-    log(f"global batch {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} ranks = "
-        f"{tokens_per_step:,} tokens per step; {cfg.max_iters} steps")
-    progress = Progress(cfg.max_iters, step, tokens_per_step, args.log_interval, enabled=master)
-
-    def save(best: bool = False) -> None:
-        """Rank 0 writes the checkpoint, with every rank's data-stream state (so that --resume is exact);
-        with best=True also to best.pt, the weights of the lowest val loss (a model that overfits keeps them)."""
-        data_states = gather_from_ranks(data_gen.get_state())
-        if master:
-            checkpoint = {
-                "model": raw_model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
-                "model_args": asdict(model_args), "train_config": asdict(cfg),
-                "tokenizer": tokenizer.to_dict(), "step": step, "best_val_loss": best_val, "loss_log": loss_log,
-                "rng": {"torch": torch.get_rng_state(), "data": data_states,
-                        "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []},
-            }
-            save_checkpoint(ckpt_path, checkpoint)
-            if best:
-                save_checkpoint(out_dir / "best.pt", checkpoint)
-
-    def diverged(loss: float) -> FloatingPointError:
-        return FloatingPointError(f"the loss became {loss} at step {step}: training diverged. "
-                                  f"The last good checkpoint is {ckpt_path}; try a lower --learning-rate")
-
-    def evaluate() -> bool:
-        """Estimate train and val loss, log them; True when val is the best so far."""
-        nonlocal best_val
-        train_loss = estimate_loss(raw_model, train_data, cfg, model_args.max_seq_len, tokenizer.bos_id, device,
-                                   autocast)
-        val_loss = estimate_loss(raw_model, val_data, cfg, model_args.max_seq_len, tokenizer.bos_id, device,
-                                 autocast)
-        if not math.isfinite(train_loss + val_loss):  # stop before a diverged model overwrites the checkpoint
-            raise diverged(train_loss + val_loss)
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        loss_log.append({"step": step, "tokens": step * tokens_per_step, "lr": get_lr(step, cfg),
-                         "train_loss": train_loss, "val_loss": val_loss})
-        progress.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        return improved
-
-    last_eval = loss_log[-1]["step"] if loss_log else -1  # the same on every rank
-    train_time, train_steps = 0.0, 0
-    with StopSignals() as stop:
-        while step < cfg.max_iters:
-            if step % cfg.eval_interval == 0 and step != last_eval:
-                save(best=evaluate() if master else False)
-                last_eval = step
-            t0 = time.perf_counter()
-            batches = [inputs.get_batch(train_data, cfg.batch_size, model_args.max_seq_len, tokenizer.bos_id,
-                                        data_gen, device) for _ in range(cfg.grad_accum)]
-            lrs = [get_lr(step, cfg, peak_lr(o, cfg)) for o in optimizers]
-            loss = train_step(model, optimizers, batches, lrs, cfg.grad_clip, autocast)
-            train_time += time.perf_counter() - t0
-            train_steps += 1
-            # Every rank stops at the same step, or none does.
-            signum, bad_loss = all_ranks_max([stop.signum, not math.isfinite(loss)], device)
-            if bad_loss:
-                raise diverged(loss)
-            step += 1
-            progress.update(step, loss, get_lr(step - 1, cfg))
-            if signum:
-                save()
-                progress.close()
-                stopped = Stopped(int(signum))
-                launcher = "python main.py" if world_size == 1 else "torchrun [the same options] main.py"
-                log(f"\ninterrupted at step {step} ({stopped}): checkpoint saved to {ckpt_path}.\n"
-                    f"continue with: {launcher} --resume --out-dir {out_dir}"
-                    + (f" --data {args.data}" if args.data else ""))
-                wait_for_all_ranks()  # torchrun ends the other ranks when one exits: not before rank 0 has saved
-                raise stopped
-    progress.close()
-    save(best=evaluate() if master and step != last_eval else False)
-    if master:
-        final_train = loss_log[-1]["train_loss"]
-        final_val = evaluate_split(raw_model, val_data, model_args.max_seq_len, tokenizer.bos_id, cfg.batch_size,
-                                   device, autocast)
-        write_loss_log(loss_log, cfg, out_dir)
-        tokens_per_s = train_steps * tokens_per_step / train_time if train_time else float("nan")
-        log(f"final val loss (whole val split) {final_val:.4f}; {tokens_per_s:,.0f} train tokens/s")
-        log(f"wrote {ckpt_path}, {out_dir / 'loss.csv'}, {out_dir / 'loss.png'}")
-        sample = generate(raw_model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                          torch.Generator().manual_seed(cfg.seed))
-        print(f"\n--- sample (temperature {args.temperature}, top-p {args.top_p}) ---\n{args.prompt}{sample}")
-        metrics = {"final_val_loss": final_val, "final_train_loss": final_train, "train_tokens_per_s": tokens_per_s,
-                   "wall_s": time.perf_counter() - t_start, "params": n_params, "iters": step, "device": device,
-                   "dtype": dtype}
-        if device_type == "cuda":
-            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+def model_from_checkpoint(checkpoint: dict) -> Transformer:
+    """The Transformer that a checkpoint's `model_args` describe, with its weights loaded (strictly)."""
+    model = Transformer(ModelArgs(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model
 
 
 def check_prompt(tokenizer, prompt: str) -> None:
@@ -786,7 +765,7 @@ def sample_only(args: argparse.Namespace) -> None:
         raise ValueError(f"--data gives a different vocabulary than {ckpt_path} was trained on; "
                          f"drop --data, or give the file it was trained on")
     check_prompt(tokenizer, args.prompt)
-    device = pick_device(args.device)
+    device = runtime.pick_device(args.device)
     print(f"device {device}", file=sys.stderr)
     model = model_from_checkpoint(checkpoint).to(device)
     seed = checkpoint.get("train_config", {}).get("seed", 0) if args.seed is None else args.seed
@@ -795,26 +774,11 @@ def sample_only(args: argparse.Namespace) -> None:
     print(f"{args.prompt}{text}")
     if args.plot_attention:
         path = args.out_dir / "figures" / "main_attention.png"
-        plot_attention(model.cpu(), tokenizer, ATTENTION_LINE, path)
+        tokens = tokenizer.encode(ATTENTION_LINE, bos=True)[: model.params.max_seq_len]  # BOS first, as in training
+        weights = last_layer_attention(model.cpu().eval(), torch.tensor([tokens]))
+        labels = ["BOS", *(inputs.VISIBLE.get(c, c) for c in tokenizer.decode(tokens[1:]))]
+        draw_attention(weights, labels, model.layers[-1].attention.n_rep, ATTENTION_LINE, path)
         print(f"figure: {path}\ncaption: each row shows which earlier characters one character attends to.")
-
-
-def main(argv: list[str] | None = None) -> None:
-    t_start = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    try:
-        if args.plot_attention and not args.sample:
-            raise ValueError("--plot-attention draws a trained model: use it with --sample, after training")
-        if args.sample:
-            sample_only(args)
-        else:
-            train(args, t_start)
-    except Stopped as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (OSError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Plumbing for main.py: what a run needs from the command line, the operating system and the cluster.
+"""Plumbing for main.py: what a run needs from the command line, the operating system and a cluster.
 
-Nothing here is about LLaMA; read main.py first. `cli` holds the flags, their help and how they override a
-preset or a resumed checkpoint; `validators` argparse's type checks; `runtime`
-holds signals, the out-dir lock, progress lines, the torch.distributed calls, the device choice and the
-atomic checkpoint write.
+Nothing here is about LLaMA; read main.py first.
+- `cli`: every flag, its help, and how the flags go on top of a preset or a resumed checkpoint.
+- `validators`: argparse's type checks.
+- `runtime`: launch and teardown of a training process, signals, the out-dir lock, progress lines,
+  the torch.distributed calls, the device choice and the atomic checkpoint write.
+- `checkpoint`: what a checkpoint holds, reading it safely, and resuming from it exactly.
+- `reports`: loss.csv, loss.png, metrics.json and the attention figure.
+- `lora_cli`: chapter 6's command line: its flags, which go together, reading an adapter file, one-line errors.
 """

@@ -1,9 +1,9 @@
-"""main.py's command line: every flag, its checks and its help text. Nothing here is about LLaMA."""
+"""main.py's command line: every flag, its checks and its help text, and how the flags go on top of a preset or
+a resumed checkpoint. Nothing here is about LLaMA."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 from plumbing.validators import (
@@ -119,26 +119,22 @@ def build_parser(presets: dict, default_prompt: str) -> argparse.ArgumentParser:
     return p
 
 
-def apply_flags(args: argparse.Namespace, model_args, cfg, resuming: bool) -> tuple:
-    """The ModelArgs and TrainConfig that a run uses: model_args and cfg (a preset's, or a resumed checkpoint's)
-    with the flags given on top, checked against each other. Raises ValueError with a one-line reason."""
+def merge_flags(args: argparse.Namespace, model_fields: dict, train_fields: dict, resuming: bool) -> tuple[dict, dict]:
+    """The ModelArgs and TrainConfig fields of a run: model_fields and train_fields (a preset's differences from
+    the defaults, or a resumed checkpoint's settings) with the flags given on top.
+
+    Raises:
+        ValueError: with --resume, a model flag or --optimizer that contradicts the checkpoint.
+    """
     given_model = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    given_train = {flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag) is not None}
     if resuming:
-        differ = {f"--{k.replace('_', '-')}" for k, f in MODEL_FLAGS.items()
-                  if f in given_model and given_model[f] != getattr(model_args, f)}
+        differ = {f"--{flag.replace('_', '-')}" for flag, field in MODEL_FLAGS.items()
+                  if field in given_model and given_model[field] != model_fields[field]}
         if differ:
             raise ValueError(f"--resume: {', '.join(sorted(differ))} differ from the checkpoint's model; "
                              f"drop them or train a new model in another --out-dir")
-    new_cfg = replace(cfg, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
-    if resuming and new_cfg.optimizer != cfg.optimizer:
-        raise ValueError(f"--resume: --optimizer {new_cfg.optimizer} differs from the checkpoint's; "
-                         f"drop it or train a new model in another --out-dir")
-    if new_cfg.lr_decay_iters is None:  # fixed now, so that --resume --max-iters N does not restart the schedule
-        new_cfg = replace(new_cfg, lr_decay_iters=new_cfg.max_iters)
-    if new_cfg.cooldown_frac > 1:
-        raise ValueError(f"--cooldown-frac {new_cfg.cooldown_frac:g}: the decay cannot be longer than the run; "
-                         f"give a value in (0, 1]")
-    if new_cfg.min_lr > new_cfg.learning_rate:
-        raise ValueError(f"--learning-rate {new_cfg.learning_rate:g} is below the final learning rate "
-                         f"(min_lr {new_cfg.min_lr:g}); give a smaller --min-lr too")
-    return replace(model_args, **given_model), new_cfg
+        if given_train.get("optimizer", train_fields["optimizer"]) != train_fields["optimizer"]:
+            raise ValueError(f"--resume: --optimizer {given_train['optimizer']} differs from the checkpoint's; "
+                             f"drop it or train a new model in another --out-dir")
+    return {**model_fields, **given_model}, {**train_fields, **given_train}

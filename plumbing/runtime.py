@@ -4,6 +4,8 @@
   before they kill a process) only ask the training loop to stop after the current step.
 - `lock_out_dir`: one training run per output directory.
 - `Progress`: a progress bar on a terminal, plain lines in a log file.
+- `training_process`: launch and teardown of one process of a run (the process group, the lock).
+- `interrupted`: what a run stopped by a signal says, once its checkpoint is saved.
 - `setup_distributed`, `all_ranks_max`, `gather_from_ranks`, `wait_for_all_ranks`, `collective_errors`,
   `teardown_distributed`:
   the few torch.distributed calls that DistributedDataParallel training needs under torchrun.
@@ -19,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -115,7 +117,7 @@ def lock_out_dir(out_dir: Path) -> Iterator[None]:
 
 
 class Progress:
-    """Training progress. On a terminal: a tqdm bar with the loss and learning rate. When stdout or
+    """Training progress. On a terminal: a tqdm bar with the loss and learning rates. When stdout or
     stderr is a file: one plain line every `every` steps (a bar would write every redraw into it).
 
     Args:
@@ -129,18 +131,27 @@ class Progress:
         self.bar = tqdm(total=total, initial=min(initial, total), desc="training", dynamic_ncols=True,
                         disable=not (enabled and self.interactive))
         self.last_step, self.last_time = initial, time.perf_counter()
+        self.train_steps, self.train_seconds = 0, 0.0
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        """Report that `step` steps are done; `loss` and `lr` are those of the step just taken."""
+    def update(self, step: int, loss: float, lrs: dict[str, float], seconds: float) -> None:
+        """Report that `step` steps are done; `loss`, each optimizer's learning rate (`lrs`, by name) and the
+        `seconds` spent in training (not evaluating or saving) are those of the step just taken."""
+        self.train_steps += 1
+        self.train_seconds += seconds
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        self.bar.set_postfix(loss=f"{loss:.3f}", **{f"lr_{name}": f"{lr:.1e}" for name, lr in lrs.items()})
         if self.enabled and not self.interactive and (step % self.every == 0 or step == self.total):
             now = time.perf_counter()
             seconds_per_step = (now - self.last_time) / (step - self.last_step)
-            print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-                  f"{self.tokens_per_step / seconds_per_step:,.0f} tokens/s | "
+            rates = " ".join(f"{name} {lr:.1e}" for name, lr in lrs.items())
+            print(f"step {step}/{self.total} | loss {loss:.4f} | lr {rates} | "
+                  f"{self.tokens_per_step / seconds_per_step:,.0f} tok/s | "
                   f"{tqdm.format_interval(seconds_per_step * (self.total - step))} left", flush=True)
             self.last_step, self.last_time = step, now
+
+    def tokens_per_s(self) -> float:
+        """Training throughput over the steps reported so far (evaluations and saves not counted)."""
+        return self.train_steps * self.tokens_per_step / self.train_seconds if self.train_seconds else float("nan")
 
     def write(self, message: str) -> None:
         """Print a line (above the bar, on a terminal)."""
@@ -220,6 +231,30 @@ def collective_errors():
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(f"rank {dist.get_rank()}: lost contact with another process of the job "
                               f"({first_line}); see that process's log") from e
+
+
+@contextmanager
+def training_process(device_choice: str, out_dir: Path) -> Iterator[tuple[int, int, str]]:
+    """Launch and teardown of one process of a training run. Under torchrun it joins the process group (one
+    process per rank); rank 0 locks out_dir first (one run per out-dir, refused before any work); a collective
+    whose peer died becomes a one-line ConnectionError. Yields (rank, world_size, device)."""
+    rank, world_size, device = setup_distributed(pick_device(device_choice))
+    try:
+        with lock_out_dir(out_dir) if rank == 0 else nullcontext(), collective_errors():
+            yield rank, world_size, device
+    finally:
+        teardown_distributed()
+
+
+def interrupted(signum: int, step: int, ckpt_path: Path, world_size: int, data: str | None, log) -> Stopped:
+    """After the save that a signal asked for: say how to resume, wait for every rank (torchrun ends the others
+    when one exits: not before rank 0 has saved), and return the Stopped exception to raise."""
+    stopped = Stopped(int(signum))
+    launcher = "python main.py" if world_size == 1 else "torchrun [the same options] main.py"
+    log(f"\ninterrupted at step {step} ({stopped}): checkpoint saved to {ckpt_path}.\n"
+        f"continue with: {launcher} --resume --out-dir {ckpt_path.parent}" + (f" --data {data}" if data else ""))
+    wait_for_all_ranks()
+    return stopped
 
 
 def pick_device(choice: str) -> str:

@@ -98,10 +98,11 @@ def interrupt(proc: subprocess.Popen, signum: int, training: Callable[[], object
         proc.kill()
 
 
-def cli_error(argv: list) -> str:
-    """Run the CLI in-process; it must exit with a one-line 'error: ...' message."""
+def cli_error(argv: list, entry: Callable[[list[str]], None] = main.main) -> str:
+    """Run a command line in-process (main.py's, or the `main` of a chapter given as `entry`); it must exit with
+    a one-line 'error: ...' message (exit status 1), never a traceback."""
     with pytest.raises(SystemExit) as exc:
-        main.main([str(a) for a in argv])
+        entry([str(a) for a in argv])
     message = exc.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     return message

@@ -74,9 +74,10 @@ def test_output_to_a_file_gets_plain_lines_and_no_progress_bar(corpus, tmp_path)
     assert "\r" not in stdout + stderr  # no bar redraws
     lines = [line for line in stdout.splitlines() if re.match(r"step \d+/", line)]
     assert [int(line.split()[1].split("/")[0]) for line in lines] == [50, 100, 150, 200]
-    pattern = r"step \d+/200 \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| [\d,]+ tokens/s \| \d\d:\d\d left"
+    rate = r"\d\.\de[-+]\d\d"  # each optimizer's learning rate, by name
+    pattern = rf"step \d+/200 \| loss \d+\.\d{{4}} \| lr adamw {rate} muon {rate} \| [\d,]+ tok/s \| \d\d:\d\d left"
     assert all(re.fullmatch(pattern, line) for line in lines), lines
-    assert all(len(line) < 80 for line in lines)  # the default 1,000 steps: 20 such lines
+    assert all(len(line) < 90 for line in lines)  # the default 1,000 steps: 20 such lines
     assert "--- sample" in stdout and len((stdout + stderr).encode()) < 2_000
 
 
@@ -85,7 +86,7 @@ def test_progress_keeps_the_bar_on_a_terminal(monkeypatch, capsys):
         monkeypatch.setattr(stream, "isatty", lambda: True)
     progress = Progress(total=20, initial=0, tokens_per_step=64, every=5)
     for step in range(1, 21):
-        progress.update(step, loss=2.0, lr=1e-3)
+        progress.update(step, loss=2.0, lrs={"adamw": 1e-3, "muon": 2e-2}, seconds=0.01)
     progress.close()
     out, err = capsys.readouterr()
     assert "step 5/20" not in out and "training" in err and "20/20" in err  # the tqdm bar, on stderr

@@ -27,7 +27,7 @@ main = importlib.import_module("main")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = main.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=20, max_seq_len=16, max_batch_size=8)
-CFG = main.TrainConfig(learning_rate=1e-2, weight_decay=0.1)
+CFG = main.TrainConfig(learning_rate=1e-2, weight_decay=0.1, optimizer="adamw")
 
 
 def fresh_model_and_optimizer() -> tuple[main.Transformer, list[torch.optim.Optimizer]]:

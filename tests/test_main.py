@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import main
+from plumbing import runtime
 
 inputs = main.inputs
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_cached_logits_equal_uncached_for_a_chunk_after_a_prefix(fused):
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine():
-    cfg = main.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    cfg = main.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, schedule="cosine")
     assert main.get_lr(0, cfg) == pytest.approx(1e-4)  # 1/10 of the way up
     assert main.get_lr(4, cfg) == pytest.approx(5e-4)
     assert main.get_lr(9, cfg) == pytest.approx(1e-3)  # the last warmup step reaches the peak
@@ -179,7 +180,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine():
 
 def test_weight_decay_only_on_matrices():
     model = make_model(40)
-    (optimizer,) = main.configure_optimizer(model, main.TrainConfig(weight_decay=0.1), "cpu")
+    (optimizer,) = main.configure_optimizer(model, main.TrainConfig(weight_decay=0.1, optimizer="adamw"), "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
@@ -202,6 +203,30 @@ def test_wsd_warms_up_stays_flat_then_decays_linearly():
     assert main.get_lr(50, cfg, peak_lr=0.02) == pytest.approx(0.02)
     assert main.get_lr(88, cfg, peak_lr=0.02) == pytest.approx(0.011)
     assert main.get_lr(110, cfg, peak_lr=0.02) == pytest.approx(0.002)
+
+
+def test_train_config_checks_its_own_invariants():
+    assert main.TrainConfig(max_iters=300).lr_decay_iters == 300  # the decay ends with the first run
+    for bad in [dict(cooldown_frac=0.0), dict(cooldown_frac=1.5), dict(learning_rate=1e-5), dict(optimizer="sgd"),
+                dict(schedule="linear")]:
+        with pytest.raises(ValueError):
+            main.TrainConfig(**bad)
+
+
+def test_the_cpu_preset_is_the_defaults_and_the_gpu_preset_its_differences():
+    cpu_model, cpu_cfg = main.resolve_configs(main.build_parser().parse_args([]), None)
+    assert cpu_model == main.ModelArgs() and cpu_cfg == main.TrainConfig()
+    assert (cpu_cfg.optimizer, cpu_cfg.schedule, cpu_cfg.muon_lr, cpu_cfg.max_iters) == ("muon", "wsd", 0.015, 1000)
+    gpu_model, gpu_cfg = main.resolve_configs(main.build_parser().parse_args(["--preset", "gpu"]), None)
+    assert (gpu_model.dim, gpu_model.n_layers, gpu_model.max_seq_len, gpu_model.dropout) == (384, 6, 256, 0.3)
+    assert (gpu_cfg.optimizer, gpu_cfg.schedule, gpu_cfg.max_iters, gpu_cfg.lr_decay_iters) == ("adamw", "cosine",
+                                                                                                  2500, 2500)
+
+
+def test_learning_rates_name_each_optimizer_with_its_own_peak():
+    model = make_model(40)
+    cfg = main.TrainConfig(warmup_iters=0)
+    assert main.learning_rates(10, main.configure_optimizer(model, cfg, "cpu"), cfg) == {"adamw": 8e-3, "muon": 0.015}
 
 
 def test_our_muon_in_bfloat16_is_torch_optim_muon_bit_for_bit():
@@ -300,7 +325,8 @@ def test_thirty_steps_on_a_tiny_corpus_lower_the_loss(tokenizer, tiny_text):
     data = np.array(tokenizer.encode(tiny_text), dtype=np.int64)
     train_data, val_data = inputs.train_val_split(data)
     model = make_model(tokenizer.vocab_size, n_layers=1, n_heads=2, n_kv_heads=1, max_batch_size=8).train()
-    cfg = main.TrainConfig(batch_size=8, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=3, eval_iters=4)
+    cfg = main.TrainConfig(batch_size=8, max_iters=30, learning_rate=1e-2, min_lr=1e-3, warmup_iters=3, eval_iters=4,
+                           optimizer="adamw", schedule="cosine")
     optimizers = main.configure_optimizer(model, cfg, "cpu")
     before = main.estimate_loss(model, val_data, cfg, 16, tokenizer.bos_id, "cpu", nullcontext())
     generator = torch.Generator().manual_seed(0)
@@ -333,7 +359,7 @@ def test_bf16_autocast_runs_the_training_step_in_bfloat16(tokenizer, tiny_text):
     but not equal to it (the matmuls really ran in bfloat16), and the weights stay float32."""
     data = np.array(tokenizer.encode(tiny_text), dtype=np.int64)
     batch = inputs.get_batch(data, 4, 16, tokenizer.bos_id, torch.Generator().manual_seed(0))
-    cfg = main.TrainConfig()
+    cfg = main.TrainConfig(optimizer="adamw")
     losses = {}
     for name, autocast in [("fp32", nullcontext()), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))]:
         model = make_model(tokenizer.vocab_size).train()
@@ -352,7 +378,7 @@ def test_bf16_autocast_runs_the_training_step_in_bfloat16(tokenizer, tiny_text):
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tokenizer):
     model = make_model(tokenizer.vocab_size)
     path = tmp_path / "ckpt.pt"
-    main.save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
+    runtime.save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.params),
                                 "tokenizer": tokenizer.to_dict(), "step": 3})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 

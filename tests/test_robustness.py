@@ -27,6 +27,7 @@ import torch
 from conftest import REPO, assert_same_training_state, cli_error, interrupt, start_cli
 
 main = importlib.import_module("main")
+runtime = importlib.import_module("plumbing.runtime")
 inputs = importlib.import_module("01_input_block")
 
 TINY_MODEL = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1", "--seq-len", "16"]
@@ -287,7 +288,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(trained: Path, tmp_path:
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError):
-        main.save_checkpoint(ckpt, {"model": {}})
+        runtime.save_checkpoint(ckpt, {"model": {}})
     assert ckpt.read_bytes() == good
     assert_loadable(ckpt)
     assert list(tmp_path.iterdir()) == [ckpt]  # no ckpt.pt.tmp left behind
@@ -297,16 +298,16 @@ def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_or_none(
     """A process is killed with SIGKILL while save_checkpoint is inside the write (half the bytes are on disk,
     which the test checks): ckpt.pt is still the previous checkpoint, or absent if there was none."""
     stalled_save = (
-        "import importlib, sys, time\n"
+        "import sys, time\n"
         "from pathlib import Path\n"
         "import torch\n"
-        "main = importlib.import_module('main')\n"
+        "from plumbing import runtime\n"
         "def half_then_stall(obj, f):\n"
         "    f.write(b'half a checkpoint'); f.flush()\n"
         "    print('writing', flush=True)\n"
         "    time.sleep(600)\n"
         "torch.save = half_then_stall\n"
-        "main.save_checkpoint(Path(sys.argv[1]), {'step': 1})\n"
+        "runtime.save_checkpoint(Path(sys.argv[1]), {'step': 1})\n"
     )
     good = (trained / "ckpt.pt").read_bytes()
     (tmp_path / "previous").mkdir()
@@ -408,6 +409,19 @@ def test_checkpoint_whose_weights_do_not_fit_its_settings_is_refused(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="not a checkpoint of main.py"):
         main.load_checkpoint(tmp_path / "tensor.pt")
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_one_error_line(trained: Path, tmp_path: Path):
+    """Written by another version of main.py: without what --resume needs, or with settings it does not know."""
+    checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
+    for name, broken in {"no_train_config": {k: v for k, v in checkpoint.items() if k != "train_config"},
+                         "unknown_setting": {**checkpoint, "train_config": {**checkpoint["train_config"], "lion": 1}}
+                         }.items():
+        (tmp_path / name).mkdir()
+        torch.save(broken, tmp_path / name / "ckpt.pt")
+        message = cli_error(["--resume", "--out-dir", tmp_path / name, *TINY])
+        assert "train_config" in message or "lion" in message, message
+        assert main.load_checkpoint(tmp_path / name / "ckpt.pt")["step"] == checkpoint["step"]  # --sample reads it
 
 
 def test_context_shorter_than_two_is_refused_and_longer_input_is_a_value_error():

@@ -1,0 +1,622 @@
+"""Chapter 6: LoRA, fine-tuning Meta's Llama 3 (or your character model) on your own text.
+
+Full fine-tuning trains every weight. With AdamW in float32 each parameter costs 16 bytes (the weight, its
+gradient and two moments): about 20 GB for Llama 3.2 1B, before a single activation. LoRA (Low-Rank Adaptation,
+Hu et al. 2021) freezes the model and learns, beside each chosen matrix W, a small update of rank r:
+
+    y = W x + (alpha / r) B A x        W (out, in) frozen;  A (r, in), B (out, r) trained;  r << in, out
+
+B A has the shape of W but only r * (in + out) numbers. Rank 8 on all seven projections of Llama 3.2 1B (wq wk wv
+wo in attention, w1 w2 w3 in the feed-forward network) trains 5.6M parameters, 0.46% of the model, while the
+frozen weights stay in bfloat16 (2.47 GB).
+
+- A starts random (Kaiming-uniform, as nn.Linear's weight) and B at zero, as in peft: at step 0, B A = 0 and the
+  model is the base model, bit for bit. B's gradient is not zero (it is A x times the output's gradient), so B
+  moves at the first step and A follows.
+- alpha / r scales the update, so that a learning rate found at one rank still fits at another.
+- After training, merge_lora folds the update into the weight, W <- W + (alpha / r) B A: the model is the base
+  architecture again, with Meta's state-dict keys and no extra cost per token.
+- Only A and B train, with AdamW: main.py's Muon rule would take them (2-D matrices under `layers.`), but Muon is
+  for whole hidden matrices. They stay in float32, as in peft, whatever the base's dtype (AdamW's small steps
+  would vanish in bfloat16's 8-bit mantissa); the forward pass casts them to the base's dtype, as autocast would.
+- Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so an adapter
+  exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
+
+The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches it this
+chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss falling, merged
+logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
+
+Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama); the flags
+       and file checks are plumbing/lora_cli.py's.
+Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
+       python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
+       python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --sample --prompt "To be"
+       python 06_lora_finetuning.py --llama-dir Llama-3.2-1B --export-peft out/lora/peft
+       python 06_lora_finetuning.py --ckpt out/ckpt.pt --data my_text.txt   # main.py's character model
+       python 06_lora_finetuning.py --help                                   # every flag
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from main import (
+    ModelArgs,
+    TrainConfig,
+    Transformer,
+    check_prompt,
+    configure_optimizer,
+    estimate_loss,
+    generate,
+    learning_rates,
+    load_checkpoint,
+    model_from_checkpoint,
+    train_step,
+)
+from plumbing import lora_cli
+from plumbing.lora_cli import load_adapter
+from plumbing.reports import write_metrics
+from plumbing.runtime import Progress, StopSignals, lock_out_dir, pick_device, save_checkpoint
+
+inputs = importlib.import_module("01_input_block")
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+
+# Meta's names of the seven projections in a block, and the submodule of TransformerBlock that holds each.
+TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+DEFAULT_LLAMA_SEQ_LEN = 256  # --seq-len for Meta's model: training windows and the sampling context
+DEFAULT_MAX_ITERS = 200
+SAVE_INTERVAL = 50  # steps between saves of the adapter during a fine-tune (a crash loses at most these)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) B A x.
+
+    The frozen weight keeps its attribute name, `weight`, so its state-dict key stays Meta's
+    (`layers.0.attention.wq.weight`); A and B sit beside it as `...wq.lora_A` and `...wq.lora_B`.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.weight = base.weight.requires_grad_(False)  # the same tensor: wrapping copies nothing
+        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16
+        like = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r), zero: B A = 0 at first
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features), in x's dtype."""
+        # The float32 matrices are used in x's dtype, as autocast would: casting A and B costs r * (in + out)
+        # numbers, casting x or the output would cost far more.
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # (..., r) scaled, then (..., out)
+        return F.linear(x, self.weight) + update  # (..., out): W x + (alpha / r) B A x
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str] = tuple(TARGETS)
+             ) -> Transformer:
+    """Freeze every parameter of `model`, then wrap the `targets` projections of every block in LoRALinear.
+
+    Args:
+        rank: r, between 1 and the smaller side of every adapted matrix.
+        alpha: the update is scaled by alpha / rank.
+        targets: Meta's names, e.g. ("wq", "wv"), or all seven (the default).
+    Returns:
+        the same model, changed in place: only the LoRA matrices require grad.
+    Raises:
+        ValueError: an unknown target, a rank that does not fit, or a model that already has LoRA.
+    """
+    targets = list(dict.fromkeys(targets))  # in order, once each
+    hf_names = {hf.split(".")[-1]: meta.split(".")[-1] for hf, meta in llama.HF_LAYER_NAMES.items()
+                if meta.split(".")[-1] in TARGETS}  # "q_proj" -> "wq"
+    for target in targets:
+        if target not in TARGETS:
+            hint = f"; {target} is Hugging Face's name for {hf_names[target]}" if target in hf_names else ""
+            raise ValueError(f"unknown LoRA target {target!r}: choose among {','.join(TARGETS)} (Meta's names{hint})")
+    if not targets:
+        raise ValueError("no LoRA target: name at least one of " + ",".join(TARGETS))
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA layers: start from the base model")
+    linears = {f"layers.{i}.{TARGETS[t]}.{t}": getattr(getattr(layer, TARGETS[t]), t)
+               for i, layer in enumerate(model.layers) for t in targets}
+    name, smallest = min(linears.items(), key=lambda item: min(item[1].weight.shape))
+    if not 1 <= rank <= min(smallest.weight.shape):  # beyond that B A is no longer low-rank
+        raise ValueError(f"rank {rank} does not fit: it must be between 1 and {min(smallest.weight.shape)}, the "
+                         f"smaller side of {name} ({smallest.out_features} x {smallest.in_features})")
+    model.requires_grad_(False)
+    for name, linear in linears.items():
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, LoRALinear(linear, rank, alpha))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of the model by its path, e.g. {"layers.0.attention.wq": ...}."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every update into its weight, W <- W + (alpha / r) B A (summed in float32, stored in W's dtype),
+    and put plain nn.Linear layers back: the state-dict keys are exactly the base's again.
+
+    Returns:
+        the same model, changed in place (still frozen).
+    """
+    for name, module in lora_modules(model).items():
+        module.weight.copy_(module.weight.float() + module.scale * (module.lora_B @ module.lora_A))  # (out, in)
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")  # no new memory
+        linear.weight = module.weight
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, linear)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, keyed as in model.state_dict(): "layers.0.attention.wq.lora_A", "...lora_B"."""
+    return {name: t for name, t in model.state_dict().items() if name.endswith((".lora_A", ".lora_B"))}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, lora: dict[str, torch.Tensor], source: str) -> None:
+    """Copy an adapter's tensors into the model's LoRA matrices, strictly (every name, every shape).
+
+    Raises:
+        ValueError: the adapter was made for another base (names or shapes differ); `source` names it.
+    """
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(expected.keys() - lora.keys()), sorted(lora.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this base model: " + "; ".join(
+            f"{what} {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
+            for what, names in (("it lacks", missing), ("it has no place for", unexpected)) if names))
+    for name, tensor in lora.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{source} does not fit this base model: its {name} has shape {tuple(tensor.shape)}, "
+                             f"this model needs {tuple(expected[name].shape)}")
+        model.get_parameter(name).copy_(tensor)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied matrix counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------- adapters on disk
+
+
+@dataclass
+class LoRAConfig:
+    """What add_lora needs; the training settings are TrainConfig's."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+
+
+def apply_adapter(model: Transformer, adapter: dict, source: str) -> LoRAConfig:
+    """add_lora with the adapter's settings, then its tensors. Returns those settings."""
+    lora_cfg = LoRAConfig(**adapter["lora_config"])
+    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    load_lora_state_dict(model, adapter["lora"], source)
+    return lora_cfg
+
+
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of chapter 5's unpermute_hf: Meta's row order in wq or wk (or in B, whose rows are
+    W's rows) -> Hugging Face's. Within each head, rows (2i, 2i + 1) become rows (i, head_dim/2 + i).
+
+    (n_heads * head_dim, cols) -> (n_heads * head_dim, cols)
+    """
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]:
+    """Write the model's LoRA matrices as peft saves a LoRA adapter of transformers' LlamaForCausalLM:
+    adapter_config.json and adapter_model.safetensors, with Hugging Face's names and q/k row order.
+
+    Returns:
+        the two paths written.
+    """
+    from safetensors.torch import save_file
+
+    meta_to_hf = {meta: hf for hf, meta in llama.HF_LAYER_NAMES.items()}  # "attention.wq" -> "self_attn.q_proj"
+    heads = {"wq": model.params.n_heads, "wk": model.params.n_kv_heads or model.params.n_heads}
+    tensors, targets = {}, set()
+    for name, module in lora_modules(model).items():  # "layers.3.attention.wq"
+        _, i, block, proj = name.split(".")
+        hf_name = meta_to_hf[f"{block}.{proj}"]  # "self_attn.q_proj"
+        lora_B = module.lora_B.detach()  # (out, r): its rows are W's rows, in Meta's order
+        if proj in heads:
+            lora_B = permute_meta_to_hf(lora_B, heads[proj])
+        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_A.weight"] = module.lora_A.detach().contiguous()
+        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_B.weight"] = lora_B.contiguous()
+        targets.add(hf_name.split(".")[-1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+              "r": module.rank, "lora_alpha": module.alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "adapter_config.json", out_dir / "adapter_model.safetensors"]
+    paths[0].write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, paths[1], metadata={"format": "pt"})
+    return paths
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def lora_train_config(max_iters: int, batch_size: int, learning_rate: float, eval_iters: int, seed: int,
+                      grad_accum: int = 1) -> TrainConfig:
+    """TrainConfig for a LoRA run: AdamW (never Muon), no weight decay (transformers' Trainer default), a short
+    warmup, then a cosine down to a tenth of the peak at max_iters."""
+    return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_iters=max_iters, learning_rate=learning_rate,
+                       min_lr=learning_rate / 10, warmup_iters=max(1, max_iters // 20), lr_decay_iters=max_iters,
+                       weight_decay=0.0, eval_iters=eval_iters, seed=seed, optimizer="adamw", schedule="cosine")
+
+
+def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], train_data: np.ndarray,
+                   cfg: TrainConfig, seq_len: int, bos_id: int, generator: torch.Generator, device: str,
+                   step: int) -> float:
+    """main.py's train_step on grad_accum fresh micro-batches, at the learning rates of `step`: with LoRA, only
+    A and B have gradients, so only they move. Returns the loss."""
+    batches = [inputs.get_batch(train_data, cfg.batch_size, seq_len, bos_id, generator, device)
+               for _ in range(cfg.grad_accum)]
+    lrs = list(learning_rates(step, optimizers, cfg).values())
+    return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
+
+
+@dataclass
+class FineTune:
+    """One LoRA fine-tune: its settings, data, model and optimizer, and what changes as it goes. With the LoRA
+    matrices and AdamW's state, step, losses, the batch stream and val_before are all that --resume needs."""
+
+    lora_cfg: LoRAConfig
+    cfg: TrainConfig
+    seq_len: int
+    model: Transformer
+    bos_id: int
+    train_data: np.ndarray
+    val_data: np.ndarray
+    optimizers: list[torch.optim.Optimizer]
+    data_gen: torch.Generator  # the stream of batches: the same state gives the same batches
+    device: str
+    out_dir: Path
+    base: str  # --llama-dir or --ckpt, recorded in the adapter
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # every step's train loss
+    val_before: float = float("nan")
+
+    def val_loss(self) -> float:
+        """The val loss on eval_iters batches, the same batches every call."""
+        return estimate_loss(self.model, self.val_data, self.cfg, self.seq_len, self.bos_id, self.device,
+                             nullcontext())
+
+
+def finetune(args: argparse.Namespace, t_start: float) -> None:
+    """Fine-tune LoRA on --data (or --resume a fine-tune), writing out-dir/adapter.pt, train_state.pt and
+    metrics.json."""
+    run = set_up(args)
+    cfg = run.cfg
+    progress = Progress(cfg.max_iters, run.step, cfg.grad_accum * cfg.batch_size * run.seq_len, args.log_interval)
+    run.model.train()  # the base's dropout, if it has any, as in its own training
+    with StopSignals() as stop:
+        while run.step < cfg.max_iters:
+            # one step: grad_accum micro-batches, then AdamW on A and B at the scheduled learning rate
+            t0 = time.perf_counter()
+            loss = train_one_step(run.model, run.optimizers, run.train_data, cfg, run.seq_len, run.bos_id,
+                                  run.data_gen, run.device, run.step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at step {run.step}: training diverged; "
+                                         f"try a lower --learning-rate")
+            progress.update(run.step + 1, loss, learning_rates(run.step, run.optimizers, cfg), time.perf_counter() - t0)
+            run.step += 1
+            run.losses.append(loss)
+
+            # save now and then, and on Ctrl-C or SIGTERM, after which --resume continues
+            if run.step % SAVE_INTERVAL == 0 or stop.signum:
+                save(run)
+            if stop.signum:
+                progress.close()
+                raise lora_cli.interrupted(stop.signum, run.step, args)
+        progress.close()
+        save(run)
+    finish(run, progress, t_start)
+
+
+def set_up(args: argparse.Namespace) -> FineTune:
+    """Everything a fine-tune needs: the settings, the frozen base and the text, then LoRA and AdamW, new or as
+    out-dir/train_state.pt left them (--resume). Prints what it built and the val loss before."""
+    state_path = args.out_dir / "train_state.pt"
+    saved = load_adapter(state_path) if args.resume else None
+    lora_cfg, cfg, seq_len = run_settings(args, saved)
+    device = pick_device(args.device)
+    model, tokenizer, seq_len = load_base(args, seq_len, device)
+    train_data, val_data = load_data(args.data, tokenizer, seq_len)
+
+    torch.manual_seed(cfg.seed)  # A's random start
+    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
+    run = FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
+                   torch.Generator().manual_seed(cfg.seed), device, args.out_dir, str(args.llama_dir or args.ckpt))
+    if saved is not None:
+        load_lora_state_dict(model, saved["lora"], str(state_path))
+        for optimizer, optimizer_state in zip(optimizers, saved["optimizer"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        run.data_gen.set_state(saved["data_rng"])
+        run.step, run.losses, run.val_before = saved["step"], saved["losses"], saved["val_loss_before"]
+        print(f"resumed from {state_path} at step {run.step}")
+    trainable, total = count_parameters(model)
+    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
+          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
+          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
+    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
+          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
+          f"{cfg.batch_size})")
+    if saved is None:
+        run.val_before = run.val_loss()
+    print(f"val loss before fine-tuning: {run.val_before:.4f}")
+    return run
+
+
+def run_settings(args: argparse.Namespace, saved: dict | None) -> tuple[LoRAConfig, TrainConfig, int | None]:
+    """LoRA's settings, the training's, and --seq-len (None: the base's default). From the flags, or with --resume
+    the saved run's own, of which only --max-iters may change."""
+    if saved is None:
+        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
+                                args.eval_iters, args.seed, args.grad_accum)
+        return LoRAConfig(args.rank, args.alpha, tuple(args.targets)), cfg, args.seq_len
+    cfg = TrainConfig(**saved["train_config"])
+    cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
+    return LoRAConfig(**saved["lora_config"]), cfg, saved["seq_len"]
+
+
+def load_base(args: argparse.Namespace, seq_len: int | None, device: str
+              ) -> tuple[Transformer, inputs.CharTokenizer | llama.Llama3Tokenizer, int]:
+    """The frozen base model and its tokenizer: Meta's Llama 3 (--llama-dir) or main.py's character model
+    (--ckpt), in --dtype or its own dtype. Returns (model, tokenizer, seq_len)."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.llama_dir is not None:
+        seq_len = seq_len or DEFAULT_LLAMA_SEQ_LEN
+        model, tokenizer = llama.load_llama(args.llama_dir, seq_len, dtype, device,
+                                            log=lambda line: print(line, file=sys.stderr))
+        return model, tokenizer, seq_len
+    checkpoint = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(checkpoint).to(device, dtype)
+    seq_len = seq_len or model.params.max_seq_len
+    if seq_len > model.params.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is longer than the context {model.params.max_seq_len} that "
+                         f"{args.ckpt} was trained with")
+    return model, inputs.CharTokenizer.from_dict(checkpoint["tokenizer"]), seq_len
+
+
+def load_data(path: str | None, tokenizer: inputs.CharTokenizer | llama.Llama3Tokenizer, seq_len: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """--data as the base tokenizer's ids, split 90/10. Returns (train_data, val_data)."""
+    text = inputs.load_text(path)
+    try:
+        data = np.array(tokenizer.encode(text), dtype=np.int64)
+    except ValueError as e:  # a character model meets a character it never saw
+        raise ValueError(f"--data {path}: {e}") from e
+    train_data, val_data = inputs.train_val_split(data)
+    if min(len(train_data), len(val_data)) < seq_len:
+        raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "
+                         f"its last 10% must each hold one window); give a longer text or a smaller --seq-len")
+    return train_data, val_data
+
+
+def save(run: FineTune) -> None:
+    """out-dir/adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs),
+    each written atomically."""
+    adapter = {"lora": lora_state_dict(run.model), "lora_config": asdict(run.lora_cfg),
+               "train_config": asdict(run.cfg), "seq_len": run.seq_len, "step": run.step, "base": run.base}
+    save_checkpoint(run.out_dir / "train_state.pt", {
+        **adapter, "optimizer": [o.state_dict() for o in run.optimizers], "data_rng": run.data_gen.get_state(),
+        "losses": run.losses, "val_loss_before": run.val_before})
+    save_checkpoint(run.out_dir / "adapter.pt", adapter)
+
+
+def finish(run: FineTune, progress: Progress, t_start: float) -> None:
+    """After the last step: the val loss after against before, and out-dir/metrics.json."""
+    val_after = run.val_loss()
+    print(f"val loss after fine-tuning: {val_after:.4f} (before: {run.val_before:.4f})")
+    trainable, total = count_parameters(run.model)
+    write_metrics(run.out_dir / "metrics.json", {
+        "val_loss_before": run.val_before, "val_loss_after": val_after, "train_losses": run.losses,
+        "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
+        "iters": run.step, **asdict(run.lora_cfg), "device": run.device, "wall_s": time.perf_counter() - t_start})
+    print(f"wrote {run.out_dir / 'adapter.pt'}, {run.out_dir / 'train_state.pt'} and {run.out_dir / 'metrics.json'}")
+
+
+# ----------------------------------------------------------------------------- using an adapter
+
+
+def use_adapter(args: argparse.Namespace) -> None:
+    """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
+    adapter_path = args.out_dir / "adapter.pt"
+    adapter = load_adapter(adapter_path)
+    device = pick_device(args.device)
+    model, tokenizer, _ = load_base(args, args.seq_len or adapter["seq_len"], device)
+    apply_adapter(model, adapter, str(adapter_path))
+    if args.export_peft is not None:
+        paths = export_peft(model, args.export_peft, str(args.llama_dir))
+        print(f"wrote {' and '.join(map(str, paths))}: load them with "
+              f"peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(...), {str(args.export_peft)!r})")
+    if args.sample:
+        check_prompt(tokenizer, args.prompt)
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                        torch.Generator().manual_seed(args.seed))
+        print(f"{args.prompt}{text}")
+
+
+# ----------------------------------------------------------------------------- the demo and its figure
+
+# params.json of Llama 3.2 1B, for the figure's counts (built on the meta device: shapes, no memory).
+LLAMA_32_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                        ffn_dim_multiplier=1.5)
+DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
+                   "04_feedforward_and_transformer_block.py"]
+
+
+def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
+    """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
+    with torch.device("meta"):
+        model = Transformer(LLAMA_32_1B)
+    model.output.weight = model.tok_embeddings.weight  # tied, as in Llama 3.2 1B
+    n_total = count_parameters(model)[1]
+    return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
+
+
+def plot_figure(n_total: int, n_lora: int, losses: list[float], val_log: list[tuple[int, float]],
+                fig_dir: Path) -> Path:
+    """Left: the memory that AdamW's parameters take in a fine-tune of Llama 3.2 1B, full against LoRA
+    (16 bytes per trained parameter: float32 weight, gradient, two moments; a frozen bfloat16 weight, 2 bytes).
+    Right: the demo's LoRA fine-tune."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (mem_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=[1, 1.1])
+    runs = ["full fine-tune\n(float32)", "LoRA, rank 8\n(base in bfloat16)"]
+    parts = {"weights": [4 * n_total, 2 * n_total + 4 * n_lora], "gradients": [4 * n_total, 4 * n_lora],
+             "AdamW moments": [8 * n_total, 8 * n_lora]}  # bytes
+    left = np.zeros(len(runs))
+    for (part, sizes), color in zip(parts.items(), ["tab:blue", "tab:orange", "tab:green"], strict=True):
+        mem_ax.barh(runs, np.array(sizes) / 1e9, left=left, color=color, label=part)
+        left += np.array(sizes) / 1e9
+    mem_ax.bar_label(mem_ax.containers[-1], [f"{left[0]:.1f} GB", f"{left[1]:.1f} GB\n(LoRA's matrices, gradients\n"
+                                             f"and moments: {16 * n_lora / 1e9:.2f} GB)"], padding=4)
+    mem_ax.invert_yaxis()
+    mem_ax.set_xlim(0, left.max() * 1.2)
+    mem_ax.set(title=f"Fine-tuning Llama 3.2 1B with AdamW: memory of the parameters\n(LoRA trains "
+                     f"{n_lora:,} of {n_total:,}, {n_lora / n_total:.2%})", xlabel="GB (activations not included)")
+    mem_ax.legend(loc="lower right")
+
+    loss_ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", alpha=0.35, label="train loss (each step)")
+    steps, val_losses = zip(*val_log, strict=True)
+    loss_ax.plot(steps, val_losses, "o-", color="tab:red", label="val loss (this chapter's last 10%)")
+    loss_ax.axhline(val_losses[0], color="gray", ls="--", label=f"the base: val {val_losses[0]:.2f}")
+    loss_ax.set(title="The demo: a tiny LLaMA 3 trained on chapters 1-4 learns chapter 6\n"
+                      "with LoRA (rank 8, the base frozen)",
+                xlabel="LoRA step", ylabel="cross-entropy (nats per character)")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
+    fig.tight_layout()
+    path = fig_dir / "06_lora.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def train_demo_base(data: np.ndarray, tokenizer: inputs.CharTokenizer, seq_len: int, generator: torch.Generator
+                    ) -> Transformer:
+    """The demo's base: a tiny LLaMA 3, every weight trained briefly on `data` (main.py's way, in miniature)."""
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                                  max_seq_len=seq_len))
+    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    for step in range(cfg.max_iters):
+        train_one_step(model, optimizers, data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
+    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
+          f"{cfg.max_iters} steps on chapters 1-4 ({len(data):,} characters); new text: this chapter")
+    return model
+
+
+def demo(fig_dir: Path) -> None:
+    """A tiny LLaMA 3 trained on chapters 1-4's code learns this chapter's code through LoRA; the invariants shown."""
+    torch.manual_seed(0)
+    here = Path(__file__).resolve().parent
+    old_text = "".join((here / name).read_text(encoding="utf-8") for name in DEMO_BASE_TEXTS)
+    new_text = Path(__file__).read_text(encoding="utf-8")
+    tokenizer = inputs.CharTokenizer.from_text(old_text + new_text)
+    old_data = np.array(tokenizer.encode(old_text), dtype=np.int64)
+    train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(new_text), dtype=np.int64))
+    seq_len, generator = 64, torch.Generator().manual_seed(0)
+    model = train_demo_base(old_data, tokenizer, seq_len, generator)
+
+    # ---- LoRA: the base frozen, B = 0, so nothing changes yet
+    tokens = inputs.inputs_for(torch.from_numpy(val_data[:seq_len])[None], tokenizer.bos_id)  # (1, seq_len)
+    with torch.no_grad():
+        base_logits = model(tokens)[0]  # (1, seq_len, vocab_size)
+    add_lora(model, rank=8, alpha=16.0)
+    trainable, total = count_parameters(model)
+    print(f"add_lora(rank 8, alpha 16, all seven projections): {trainable:,} trainable of {total:,} "
+          f"parameters ({trainable / total:.1%})")
+    with torch.no_grad():
+        diff = (model(tokens)[0] - base_logits).abs().max().item()
+    print(f"step 0: logits with LoRA against the base's: max |diff| = {diff} (should be 0.0: B starts at zero)")
+
+    # ---- the fine-tune: AdamW on A and B only
+    cfg = lora_train_config(max_iters=120, batch_size=8, learning_rate=1e-2, eval_iters=4, seed=0)
+    optimizers = configure_optimizer(model, cfg, "cpu")
+    val_log = [(0, estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext()))]
+    losses = []
+    for step in range(cfg.max_iters):
+        losses.append(train_one_step(model, optimizers, train_data, cfg, seq_len, tokenizer.bos_id, generator, "cpu",
+                                     step))
+        if (step + 1) % 20 == 0:
+            val_loss = estimate_loss(model, val_data, cfg, seq_len, tokenizer.bos_id, "cpu", nullcontext())
+            val_log.append((step + 1, val_loss))
+    print(f"LoRA fine-tune, {cfg.max_iters} steps: val loss on this chapter {val_log[0][1]:.3f} -> "
+          f"{val_log[-1][1]:.3f}")
+
+    # ---- merging: W + (alpha / r) B A, and Meta's keys again
+    with torch.no_grad():
+        lora_logits = model(tokens)[0]
+        merge_lora(model)
+        diff = ((model(tokens)[0] - lora_logits).abs().max() / lora_logits.abs().max()).item()
+    same_keys = model.state_dict().keys() == Transformer(model.params).state_dict().keys()
+    print(f"merge_lora: merged logits against unmerged: max |diff| / max |logit| = {diff:.0e} (should be under "
+          f"1e-5: only float32's rounding differs between (W + s B A) x and W x + s B A x); state-dict keys are "
+          f"Meta's again: {same_keys} (should be True)")
+
+    n_total, n_lora = llama_32_1b_counts(rank=8)
+    print(f"Llama 3.2 1B, rank 8 on all seven projections: {n_lora:,} trainable parameters, "
+          f"{n_lora / n_total:.2%} of {n_total:,}")
+    print(f"figure: {plot_figure(n_total, n_lora, losses, val_log, fig_dir)}")
+    print("caption: LoRA's frozen bfloat16 base and small float32 matrices need about an eighth of a full "
+          "fine-tune's memory; the tiny model learns a new text with only its LoRA matrices trained.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python 06_lora_finetuning.py [flags]`: the demo, a fine-tune, or --sample / --export-peft with an adapter.
+    Every problem ends in one line `error: ...`; Ctrl-C and SIGTERM end with the exit status of the signal."""
+    t_start = time.perf_counter()
+    args = lora_cli.build_parser(list(TARGETS), LoRAConfig.rank, LoRAConfig.alpha, DEFAULT_MAX_ITERS,
+                                 DEFAULT_LLAMA_SEQ_LEN).parse_args(argv)
+    with lora_cli.exit_on_error():
+        mode = lora_cli.choose_mode(args)
+        if mode == "demo":
+            demo(args.fig_dir)
+        elif mode == "use":
+            use_adapter(args)
+        else:
+            with lock_out_dir(args.out_dir):  # one fine-tune per out-dir, refused before any work
+                finetune(args, t_start)
+
+
+if __name__ == "__main__":
+    main()

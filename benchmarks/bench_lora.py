@@ -1,0 +1,257 @@
+"""LoRA fine-tuning at the size of Llama 3.2 1B, random weights: our chapter 6 against peft on transformers.
+
+Writes a checkpoint in Meta's layout (params.json, consolidated.00.pth, tokenizer.model) with exactly Llama 3.2 1B's
+names, shapes and dtype (bfloat16; output.weight stored as the same tensor as tok_embeddings.weight, as in Meta's
+file), then measures, each in a fresh Python process:
+
+    memory   ours alone: chapter 5's load_llama, chapter 6's add_lora (rank 8, alpha 16, all seven projections),
+             AdamW on the LoRA matrices, a few training steps; the peak resident memory (VmHWM) against the base's
+             bfloat16 bytes (goal: at most 1.6x).
+    speed    ours and peft's LoRA (the same rank, alpha and targets) on transformers' LlamaForCausalLM holding the
+             same weights (wq and wk rows in Hugging Face's order, sharing the other tensors with ours), both
+             stepped by main.train_step with main.configure_optimizer's AdamW: batch 1 x 128 tokens, bfloat16
+             base, float32 LoRA matrices. The two take turns, step by step, so that what else the machine does
+             slows both alike; the median step gives tokens/s (goal: ours at least peft's), the best step
+             what each reaches when nothing else runs.
+
+Before timing, both models' logits on the same batch are compared: the same weights give the same answer
+(to bfloat16's rounding: the two compute RoPE and the norms in different orders).
+The tokenizer.model comes from the llama-models package (requirements-test.txt) unless --tokenizer is given.
+
+Run:   python benchmarks/bench_lora.py                  # about 2.5 GB on disk, 3 GB of memory, minutes on a CPU
+       python benchmarks/bench_lora.py --shape tiny     # a smoke test in seconds
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import main  # noqa: E402
+from plumbing.validators import positive_int  # noqa: E402
+
+inputs = importlib.import_module("01_input_block")
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+lora = importlib.import_module("06_lora_finetuning")
+
+# params.json of Llama 3.2 1B, and a tiny model with the same vocabulary for a smoke test.
+SHAPES = {
+    "1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
+           "ffn_dim_multiplier": 1.5, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
+    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 16,
+             "ffn_dim_multiplier": None, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
+}
+RANK, ALPHA, SEQ_LEN, LEARNING_RATE = 8, 16.0, 128, 2e-4
+
+
+def write_checkpoint(path: Path, params: dict, tokenizer: Path) -> int:
+    """Random bfloat16 weights with Meta's names and shapes; norm gains 1; output.weight is tok_embeddings.weight."""
+    with torch.device("meta"):
+        shapes = main.Transformer(main.ModelArgs(**params)).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {}
+    for name, t in shapes.items():
+        if name == "output.weight":
+            continue
+        if name.endswith("norm.weight"):
+            state_dict[name] = torch.ones(t.shape, dtype=torch.bfloat16)
+        else:
+            state_dict[name] = (torch.randn(t.shape, generator=generator) * 0.02).to(torch.bfloat16)
+    state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # one tensor in the file, as in Meta's
+    torch.save(state_dict, path / "consolidated.00.pth")
+    (path / "params.json").write_text(json.dumps(params))
+    (path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return sum(t.numel() for name, t in state_dict.items() if name != "output.weight")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux: VmHWM, which, unlike getrusage's ru_maxrss,
+    does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status (this benchmark measures memory on Linux only)")
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """The bytes of the model's weights, a tensor shared by two parameters counted once."""
+    return sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())
+
+
+class CausalLMLoss(nn.Module):
+    """transformers' causal LM behind main.Transformer's training interface: (tokens, targets) -> (logits, loss)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=tokens, use_cache=False).logits.float()  # (bsz, seqlen, vocab_size)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def peft_model_of(model: main.Transformer) -> nn.Module:
+    """transformers' LlamaForCausalLM holding our model's weights (wq and wk rows permuted back to Hugging Face's
+    order, every other tensor shared), with peft's LoRA at RANK and ALPHA on the seven projections."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    args = model.params
+    config = LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim,
+        intermediate_size=model.layers[0].feed_forward.w1.out_features, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    meta_to_hf = {meta: hf for hf, meta in llama.HF_LAYER_NAMES.items()}
+    heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
+    state_dict = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+                  "lm_head.weight": model.tok_embeddings.weight}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("layers."):  # layers.{i}.attention.wq.weight -> model.layers.{i}.self_attn.q_proj.weight
+            _, i, *module, _ = name.split(".")
+            if module[-1] in heads:
+                tensor = lora.permute_meta_to_hf(tensor, heads[module[-1]])
+            state_dict[f"model.layers.{i}.{meta_to_hf['.'.join(module)]}.weight"] = tensor
+    with torch.device("meta"):
+        hf_model = LlamaForCausalLM(config)
+    hf_model.load_state_dict(state_dict, strict=True, assign=True)
+    hf_model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its frequencies are a buffer outside the state dict
+    hf_model.tie_weights()
+    targets = [meta_to_hf[f"{lora.TARGETS[t]}.{t}"].split(".")[-1] for t in lora.TARGETS]
+    return get_peft_model(hf_model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0))
+
+
+def train_config() -> main.TrainConfig:
+    return lora.lora_train_config(max_iters=1000, batch_size=1, learning_rate=LEARNING_RATE, eval_iters=1, seed=0)
+
+
+def batch(vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One window of random BPE ids (no special tokens) opening with <|begin_of_text|>."""
+    y = torch.randint(0, vocab_size - 256, (1, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+    return inputs.inputs_for(y, 128000), y
+
+
+def measure_memory(path: Path, steps: int) -> dict:
+    """Ours alone: load, add LoRA, train `steps` steps; called in a fresh process."""
+    rss_before = peak_rss()  # Python, torch, main and the chapters imported
+    model, _ = llama.load_llama(path, max_seq_len=SEQ_LEN, log=lambda line: None)
+    lora.add_lora(model, RANK, ALPHA)
+    optimizers = main.configure_optimizer(model, train_config(), "cpu")
+    for step in range(steps):
+        main.train_step(model, optimizers, [batch(model.params.vocab_size, step)], [LEARNING_RATE], 1.0, nullcontext())
+    peak, base_bytes = peak_rss(), weights_bytes(model) - 4 * lora.count_parameters(model)[0]
+    return {"base_weights_gb": base_bytes / 1e9, "rss_gb_before_load": rss_before / 1e9, "peak_rss_gb": peak / 1e9,
+            "peak_rss_over_base": peak / base_bytes, "model_rss_over_base": (peak - rss_before) / base_bytes,
+            "memory_steps": steps}
+
+
+def measure_speed(path: Path, steps: int) -> dict:
+    """Ours and peft's, one step each in turn, after a first untimed step; called in a fresh process."""
+    ours, _ = llama.load_llama(path, max_seq_len=SEQ_LEN, log=lambda line: None)
+    theirs = CausalLMLoss(peft_model_of(ours))  # before add_lora: it takes our base weights
+    lora.add_lora(ours, RANK, ALPHA)
+    vocab_size = ours.params.vocab_size
+    with torch.no_grad():
+        x, _ = batch(vocab_size, seed=10**6)
+        ours_logits, theirs_logits = ours(x)[0], theirs.model(input_ids=x, use_cache=False).logits.float()
+    logits_diff = (ours_logits - theirs_logits).abs().max().item()
+    cosine = F.cosine_similarity(ours_logits.double().flatten(), theirs_logits.double().flatten(), dim=0).item()
+
+    models = {"ours": ours, "peft": theirs}
+    optimizers = {name: main.configure_optimizer(m, train_config(), "cpu") for name, m in models.items()}
+    assert lora.count_parameters(ours)[0] == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    times: dict[str, list[float]] = {"ours": [], "peft": []}
+    for step in range(steps + 1):  # step 0 warms up, untimed
+        order = ["ours", "peft"] if step % 2 == 0 else ["peft", "ours"]
+        for name in order:
+            t0 = time.perf_counter()
+            main.train_step(models[name], optimizers[name], [batch(vocab_size, step)], [LEARNING_RATE], 1.0,
+                            nullcontext())
+            if step:
+                times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"ours_tokens_per_s": SEQ_LEN / median["ours"], "peft_tokens_per_s": SEQ_LEN / median["peft"],
+            "ours_over_peft": median["peft"] / median["ours"], "ours_best_tokens_per_s": SEQ_LEN / min(times["ours"]),
+            "peft_best_tokens_per_s": SEQ_LEN / min(times["peft"]),
+            "ours_step_s": times["ours"], "peft_step_s": times["peft"], "logits_max_abs_diff": logits_diff,
+            "logits_cosine": cosine, "logits_max_abs": ours_logits.abs().max().item(),
+            "trainable_params": lora.count_parameters(ours)[0], "threads": torch.get_num_threads()}
+
+
+def child(flag: str, path: Path, steps: int, threads: int | None) -> dict:
+    """Run this script with `flag` in a fresh process and return the JSON object it prints."""
+    command = [sys.executable, __file__, flag, str(path), "--steps", str(steps)]
+    command += ["--threads", str(threads)] if threads else []
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the measuring process ({flag}) failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main_cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama 3.2 1B (default); tiny: smoke")
+    parser.add_argument("--steps", type=positive_int, default=6,
+                        help="timed training steps for each of ours and peft's (default: %(default)s)")
+    parser.add_argument("--memory-steps", type=positive_int, default=2,
+                        help="training steps before reading our peak memory (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: PyTorch's, one per core); on a machine that other jobs share, "
+                             "1 thread is slowed less by them")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="Meta's tokenizer.model (default: the copy in the llama-models package)")
+    parser.add_argument("--measure-memory", type=Path, default=None, help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--measure-speed", type=Path, default=None, help=argparse.SUPPRESS)  # a child process
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.measure_memory is not None:
+        print(json.dumps(measure_memory(args.measure_memory, args.steps)))
+        return
+    if args.measure_speed is not None:
+        print(json.dumps(measure_speed(args.measure_speed, args.steps)))
+        return
+    tokenizer = args.tokenizer or llama.packaged_llama3_tokenizer()
+    if tokenizer is None or not tokenizer.is_file():
+        sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        n_params = write_checkpoint(Path(tmp), SHAPES[args.shape], tokenizer)
+        print(f"wrote a random {args.shape} checkpoint: {n_params:,} parameters in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        memory = child("--measure-memory", Path(tmp), args.memory_steps, args.threads)
+        print(f"ours: peak RSS {memory['peak_rss_gb']:.2f} GB = {memory['peak_rss_over_base']:.2f}x the base's "
+              f"{memory['base_weights_gb']:.2f} GB in bfloat16 ({memory['model_rss_over_base']:.2f}x without the "
+              f"{memory['rss_gb_before_load']:.2f} GB before loading)", flush=True)
+        speed = child("--measure-speed", Path(tmp), args.steps, args.threads)
+    print(f"logits before training, ours against transformers' (bfloat16): max |diff| "
+          f"{speed['logits_max_abs_diff']:.2e} for logits up to {speed['logits_max_abs']:.2f}, "
+          f"cosine similarity {speed['logits_cosine']:.5f}")
+    print(f"LoRA training, batch 1 x {SEQ_LEN}, rank {RANK} on all seven projections, {speed['threads']} threads, "
+          f"median (best) of {args.steps} steps each, taking turns: ours {speed['ours_tokens_per_s']:.1f} "
+          f"({speed['ours_best_tokens_per_s']:.1f}) tokens/s, peft {speed['peft_tokens_per_s']:.1f} "
+          f"({speed['peft_best_tokens_per_s']:.1f}) tokens/s: ours at {speed['ours_over_peft']:.2f}x peft's speed")
+    print(json.dumps({"shape": args.shape, "params": n_params, "rank": RANK, "alpha": ALPHA, "seq_len": SEQ_LEN,
+                      **memory, **speed}))
+
+
+if __name__ == "__main__":
+    main_cli()
