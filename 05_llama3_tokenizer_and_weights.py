@@ -1,26 +1,37 @@
-"""Chapter 5: Meta's real Llama 3 in the code of chapters 1-4 and main.py.
+"""Chapter 5: Meta's real Llama 3 in the code of chapters 1-4 and main.py, and a conversation with it.
 
-Everything a learner built so far runs Meta's own weights: `main.Transformer` has Meta's state-dict
-names, so a checkpoint loads with a strict `load_state_dict`. What the real model adds is its
-tokenizer and two file layouts.
+`main.Transformer` has Meta's state-dict names, so Meta's weights load into it with a strict
+`load_state_dict`. What the real model adds is its tokenizer, two file layouts, and a chat format.
 
-Tokenizer. Real LLaMA 3 does not read characters: `Llama3Tokenizer` is its byte-level BPE (tiktoken),
-which starts from the 256 bytes and merges frequent neighbours into 128,000 tokens, then adds 256
-special tokens. Every string has an encoding (no unknown characters), and a token carries more text:
-Tiny Shakespeare's 1,115,394 characters are 301,768 Llama 3 tokens, 3.7 characters per token. The
-price is a large vocabulary: in Llama 3.2 1B the embedding matrix alone (shared with the output layer)
-is 128,256 x 2,048 numbers, a fifth of the model.
+Tokenizer. Llama 3 reads byte-level BPE tokens (tiktoken), not characters: 128,000 tokens learned by
+merging frequent neighbours, starting from the 256 bytes, then 256 special tokens. Every string has an
+encoding, and a token carries 3.7 characters of Tiny Shakespeare. `tokenizer.model` lists each token's
+bytes and rank; Hugging Face's `tokenizer.json` holds the same ranks as ids, spelled in GPT-2's
+byte-level alphabet.
 
-Checkpoints. Meta's layout (params.json, consolidated.00.pth, tokenizer.model) uses Meta's names.
-Hugging Face's (config.json, model*.safetensors) renames every tensor and permutes the rows of wq and
-wk inside each head: its Llama rotates the first half of a head against the second half instead of
-adjacent pairs (chapter 2), so Meta's rows (0, 1), (2, 3), ... become rows (0, head_dim/2),
-(1, head_dim/2 + 1), ... Both compute the same scores, but a loader that takes Hugging Face's wq and wk
-as they are, with Meta's pairing, rotates the wrong coordinates together: the logits are wrong, and
-nothing fails loudly. `load_llama` reads both layouts into Meta's names and undoes the permutation.
+Checkpoints. Meta's layout (params.json, consolidated.00.pth) uses Meta's names. Hugging Face's
+(config.json, model*.safetensors) renames every tensor and reorders the rows of wq and wk inside each
+head: its RoPE rotates the first half of a head against the second half, Meta's rotates adjacent pairs
+(chapter 2). Taken as they are, those rows rotate the wrong coordinates together: the logits are wrong
+and nothing fails loudly, so `load_llama` undoes the reordering. params.json does not give the RoPE
+scaling factor (chapter 2): 32 for Llama 3.2 1B and 3B, 8 for Llama 3.1, so the loader tells them apart by
+shape. Llama 3.2 1B and 3B tie the output layer to the embedding: Meta's file stores `output.weight` as
+the same tensor, Hugging Face's leaves it out. Either way the model gets one Parameter, so the 1B model is
+1,235,814,400 parameters (2.47 GB in bfloat16), not 1,498,482,688. The file is memory-mapped and its
+tensors become the parameters: a weight is copied only to reorder it or to change its dtype.
 
-Needs: main.py (Transformer, generate_tokens), and through it chapters 1-4.
-Run:   python 05_llama3_tokenizer_and_weights.py --llama-dir DIR --prompt "The capital of France is"
+Chat. An Instruct model reads Meta's `encode_dialog_prompt`: <|begin_of_text|>, then per message
+<|start_header_id|>role<|end_header_id|> "\\n\\n" content <|eot_id|>, then the assistant's header; the
+answer ends with <|eot_id|>. We follow it, content as it is. Hugging Face's chat template differs: it
+trims each message, and from Llama 3.1 on it always opens with a system turn that starts with dates
+("Cutting Knowledge Date: December 2023", "Today Date: ..."), before your system message if you give one.
+A conversation keeps its KV cache across turns: each turn feeds only its new tokens at the running
+position (Meta's `forward(tokens, start_pos)`).
+
+Needs: main.py (Transformer, sample_top_p), and through it chapters 1-4.
+Run:   python 05_llama3_tokenizer_and_weights.py               # demo on a tiny random model, no download
+       python 05_llama3_tokenizer_and_weights.py --llama-dir DIR --prompt "The capital of France is"
+       python 05_llama3_tokenizer_and_weights.py --llama-dir DIR --chat    # one user turn per line of stdin
 """
 
 from __future__ import annotations
@@ -31,28 +42,30 @@ import binascii
 import importlib
 import importlib.util
 import json
+import re
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import tiktoken
 import torch
-from tqdm import tqdm
+from safetensors.torch import load_file, save_file
 
-from main import ModelArgs, Transformer, generate_tokens
+from main import ModelArgs, Transformer, sample_top_p
+from plumbing import llama_files
+from plumbing.chat import build_parser, cpu_matrix_vector_kernel, print_tokens, read_user_turns
 from plumbing.runtime import pick_device
-from plumbing.validators import context_length, non_negative_int, seed_type, temperature_type, top_p_type
 
-inputs = importlib.import_module("01_input_block")
+# ----------------------------------------------------------------------------- Llama 3's tokenizer
 
-
-# Llama 3's pre-tokenizer: text is first cut into words, numbers of up to three digits, runs of
-# punctuation and whitespace; BPE then merges bytes only inside each piece.
+# Text is first cut into words, numbers of up to three digits, runs of punctuation and whitespace
+# (contractions in any case: "'S" as "'s"); BPE then merges bytes only inside each piece.
 LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# The 256 special tokens come after the BPE tokens, in Meta's order: <|begin_of_text|> is 128000.
+# The 256 special tokens follow the BPE tokens, in Meta's order: <|begin_of_text|> is 128000.
 LLAMA3_NAMED_SPECIAL_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -61,15 +74,32 @@ LLAMA3_NAMED_SPECIAL_TOKENS = [
 LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + [
     f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_NAMED_SPECIAL_TOKENS))
 ]
+# Meta's Tokenizer.encode gives tiktoken at most 400,000 characters at a time (tiktoken used to panic on
+# longer texts, Meta's comment says), and cuts runs of more than 25,000 spaces or non-spaces (tiktoken issue
+# #195: such runs were slow). A cut inside a word changes the ids, so we cut where Meta does: on Tiny
+# Shakespeare, character 400,000 splits " we" into " " and "we" (Hugging Face's tokenizer, which does not
+# cut, has one token fewer there).
+MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000
+LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")  # \s is str.isspace, as Meta's
+
+
+def meta_pieces(text: str) -> Iterator[str]:
+    """`text` in the pieces Meta's Tokenizer.encode gives tiktoken: cut every MAX_ENCODE_CHARS characters,
+    then, within each chunk, every MAX_RUN_CHARS characters of a longer run of spaces or of non-spaces."""
+    for start in range(0, len(text), MAX_ENCODE_CHARS):
+        chunk, cut = text[start : start + MAX_ENCODE_CHARS], 0
+        for run in LONG_RUN.finditer(chunk):
+            for end in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                yield chunk[cut:end]
+                cut = end
+        yield chunk[cut:]
 
 
 def load_bpe_ranks(path: Path) -> dict[bytes, int]:
-    """Read Meta's tokenizer.model: one token per line, its bytes in base64, then its rank.
-
-    A lower rank is a merge learned earlier, so BPE applies it first.
+    """Meta's tokenizer.model: one token per line, its bytes in base64, then its rank
+    (a lower rank is a merge learned earlier, so BPE applies it first).
 
     Raises:
-        FileNotFoundError: no file at path.
         ValueError: the file is not in this format.
     """
     ranks = {}
@@ -85,21 +115,25 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
 
 
 class Llama3Tokenizer:
-    """Llama 3's byte-level BPE (tiktoken), with the interface of `CharTokenizer`.
+    """Llama 3's byte-level BPE, with the interface of chapter 1's `CharTokenizer`, and Meta's chat format.
 
-    Text that spells a special token, such as "<|eot_id|>", is encoded as ordinary text, as
-    Meta's tokenizer does by default: a prompt cannot forge a turn of the chat format.
+    Text that spells a special token, such as "<|eot_id|>", is encoded as ordinary text, as Meta's
+    tokenizer does by default: a prompt cannot forge a turn of the chat format.
     """
 
-    def __init__(self, model_path: str | Path):
-        ranks = load_bpe_ranks(Path(model_path))
+    def __init__(self, path: str | Path):
+        """path: Meta's tokenizer.model, or Hugging Face's tokenizer.json."""
+        path = Path(path)
+        if path.suffix == ".json":  # Hugging Face's: the same ranks as ids, each token's bytes spelled in GPT-2's
+            ranks = llama_files.read_tokenizer_json(path, LLAMA3_SPECIAL_TOKENS)  # byte-level alphabet
+        else:
+            ranks = load_bpe_ranks(path)
         self.special_tokens = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.model = tiktoken.Encoding(name=Path(model_path).name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks,
+        self.model = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.start_header_id = self.special_tokens["<|start_header_id|>"]
-        self.end_header_id = self.special_tokens["<|end_header_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]  # Meta's, for batches of unequal length
         self.eot_id = self.special_tokens["<|eot_id|>"]  # end of turn
         self.eom_id = self.special_tokens["<|eom_id|>"]  # end of message (the model waits for a tool's answer)
         self.stop_ids = {self.eos_id, self.eot_id, self.eom_id}
@@ -109,24 +143,30 @@ class Llama3Tokenizer:
         return self.model.n_vocab
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Text to token ids, optionally wrapped in <|begin_of_text|> ... <|end_of_text|>."""
-        ids = self.model.encode(text, allowed_special=set(), disallowed_special=())
+        """Text to token ids, optionally between <|begin_of_text|> and <|end_of_text|>."""
+        ids = [i for piece in meta_pieces(text) for i in self.model.encode_ordinary(piece)]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
         """Token ids to text; special tokens come out as their names."""
         return self.model.decode(ids)
 
-    def encode_chat(self, user_message: str) -> list[int]:
-        """One user turn in Llama 3's chat format, ending where the assistant's answer begins:
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes: a character of several bytes may be split over two tokens."""
+        return self.model.decode_single_token_bytes(token)
 
-        <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{message}<|eot_id|>
-        <|start_header_id|>assistant<|end_header_id|>\\n\\n
-        """
-        def header(role: str) -> list[int]:
-            return [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode("\n\n")]
+    def encode_header(self, role: str) -> list[int]:
+        return [self.special_tokens["<|start_header_id|>"], *self.encode(role),
+                self.special_tokens["<|end_header_id|>"], *self.encode("\n\n")]
 
-        return [self.bos_id, *header("user"), *self.encode(user_message.strip()), self.eot_id, *header("assistant")]
+    def encode_message(self, role: str, content: str) -> list[int]:
+        """One message of the chat format, its content as it is (Meta's; Hugging Face's template trims it)."""
+        return [*self.encode_header(role), *self.encode(content), self.eot_id]
+
+    def encode_dialog_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Meta's prompt for an answer: BOS, each {"role": ..., "content": ...} message, the assistant's header."""
+        return [self.bos_id, *(i for m in messages for i in self.encode_message(m["role"], m["content"])),
+                *self.encode_header("assistant")]
 
 
 def packaged_llama3_tokenizer() -> Path | None:
@@ -138,40 +178,18 @@ def packaged_llama3_tokenizer() -> Path | None:
     return path if path.is_file() else None
 
 
-def demo_llama3_tokenizer(text: str, path: Path | None) -> None:
-    """What Llama 3's BPE makes of the corpus, the special tokens, and one chat turn."""
-    if path is None:
-        print("Llama 3 tokenizer: not shown; pass --llama-tokenizer PATH/tokenizer.model "
-              "(or `pip install llama-models`, which ships one)")
-        return
-    try:
-        tokenizer = Llama3Tokenizer(path)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --llama-tokenizer: {e}")
-    sample = text[:20]
-    ids = tokenizer.encode(sample, bos=True)
-    print(f"Llama3Tokenizer ({path}): vocab_size {tokenizer.vocab_size:,}")
-    print(f"encode({sample!r}, bos=True) = {ids}")
-    print(f"  pieces: {[tokenizer.decode([i]) for i in ids]}")
-    n_tokens = len(tokenizer.encode(text))
-    print(f"corpus: {len(text):,} characters = {n_tokens:,} BPE tokens "
-          f"({len(text) / n_tokens:.2f} characters per token)")
-    shown = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-             "<|eot_id|>"]
-    print("special tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in shown))
-    chat = tokenizer.encode_chat("Who is Romeo?")
-    print(f"chat format of one user turn: {chat}\n  = {tokenizer.decode(chat)!r}")
+# ----------------------------------------------------------------------------- Meta's and Hugging Face's files
 
-
-# ----------------------------------------------------------------------------- Meta's checkpoints
-
-# params.json of Meta's original layout uses ModelArgs' names: these four it must give, the others
-# default as in Meta's ModelArgs (n_kv_heads None means one KV head per query head).
-META_REQUIRED = {"dim", "n_layers", "n_heads", "vocab_size"}
-META_DEFAULTS = {"n_kv_heads": None, "multiple_of": 256, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
-                 "rope_theta": 500000.0, "use_scaled_rope": False}
-# (dim, n_layers) of Llama 3.2 1B and 3B: their RoPE scaling factor is 32, not the 8 of Llama 3.1.
-LLAMA_32_SMALL_SHAPES = {(2048, 16), (3072, 28)}
+# params.json of Meta's Llama 3.2 1B and 3B. Meta's file does not carry the RoPE scaling factor: it is 32
+# for these two shapes and 8 for Llama 3.1 (Meta's reference code hard-codes 8), so the loader tells them
+# apart by (dim, n_layers).
+LLAMA_32_PARAMS = {
+    "1B": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
+           "ffn_dim_multiplier": 1.5, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
+    "3B": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
+           "ffn_dim_multiplier": 1.0, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
+}
+LLAMA_32_SMALL_SHAPES = {(p["dim"], p["n_layers"]) for p in LLAMA_32_PARAMS.values()}
 # Hugging Face's names of one layer's weights -> Meta's.
 HF_LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
@@ -194,150 +212,75 @@ def hf_to_meta_name(name: str) -> str:
     return name
 
 
-def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo Hugging Face's row order in wq or wk (chapter 2): within each head, its rows
-    (i, head_dim/2 + i) become Meta's adjacent rows (2i, 2i + 1), the pair that RoPE rotates together.
+def unpermute_hf(w: torch.Tensor, n_heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Undo Hugging Face's row order in wq or wk: within each head, its rows (i, head_dim/2 + i) become
+    Meta's adjacent rows (2i, 2i + 1), the pair that RoPE rotates together. One copy, in `dtype` if given.
 
     (n_heads * head_dim, dim) -> (n_heads * head_dim, dim)
     """
     rows, dim = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return data
-
-
-def check_llama_args(model_args: ModelArgs, source: Path) -> ModelArgs:
-    """The sizes must be positive integers (Attention checks that the heads fit); returns model_args."""
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-        value = getattr(model_args, field)
-        if not (isinstance(value, int) and value > 0) and not (field == "n_kv_heads" and value is None):
-            raise ValueError(f"{source}: {field} must be a positive integer, got {value!r}")
-    return model_args
+    pairs = w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2)  # (n_heads, head_dim/2, 2, dim), a view
+    out = torch.empty(pairs.shape, dtype=dtype or w.dtype, device=w.device)
+    return out.copy_(pairs).view(rows, dim)  # reordered (and converted) in one copy
 
 
 def meta_rope_scaling_factor(model_args: ModelArgs) -> float:
-    """params.json does not carry the RoPE scaling factor: 32 for the shapes of Llama 3.2 1B and 3B,
-    8 otherwise (Llama 3.1; Meta's reference code hard-codes 8 for all)."""
+    """32 for the shapes of Llama 3.2 1B and 3B, else 8 (Llama 3.1): params.json does not say."""
     return 32.0 if (model_args.dim, model_args.n_layers) in LLAMA_32_SMALL_SHAPES else 8.0
 
 
-def read_meta_checkpoint(path: Path, log) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """params.json and consolidated.00.pth (memory-mapped: the tensors are read from disk when used)."""
-    params = read_json(path / "params.json")
-    unknown = sorted(params.keys() - META_REQUIRED - META_DEFAULTS.keys())
-    missing = sorted(META_REQUIRED - params.keys())
-    if unknown or missing:
-        raise ValueError(f"{path / 'params.json'}: " + "; ".join(
-            f"{what} {', '.join(keys)}" for what, keys in (("unknown keys", unknown), ("lacks", missing)) if keys))
-    model_args = check_llama_args(ModelArgs(**{**META_DEFAULTS, **params}), path / "params.json")
+def read_meta_checkpoint(path: Path, log: Callable[[str], None]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """params.json and consolidated.00.pth, memory-mapped: a tensor is read from disk when first used."""
+    model_args = ModelArgs(**llama_files.read_params_json(path / "params.json"))
     if model_args.use_scaled_rope:
         model_args = replace(model_args, rope_scaling_factor=meta_rope_scaling_factor(model_args))
         log(f"RoPE scaling factor {model_args.rope_scaling_factor:g} (params.json does not say; "
             f"{'the shape of Llama 3.2 1B or 3B' if model_args.rope_scaling_factor == 32 else 'as Llama 3.1'})")
-    shards = sorted(path.glob("consolidated.*.pth"))
-    if len(shards) > 1:
-        raise ValueError(f"{path} holds a checkpoint split over {len(shards)} files (one per GPU of model "
-                         f"parallelism), which this loader does not join; download the Hugging Face layout "
-                         f"(config.json and model*.safetensors) of the same model instead")
-    if not shards:
-        raise FileNotFoundError(f"{path} has params.json but no consolidated.00.pth")
-    log(f"mapping {shards[0]} ({shards[0].stat().st_size / 1e9:.2f} GB)")
-    try:  # weights_only: tensors and plain data only, so a malicious file cannot run code
-        state_dict = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a bad file; all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{shards[0]} is not a readable weights-only PyTorch checkpoint ({reason})") from e
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{shards[0]} does not hold a state dict")
-    return model_args, state_dict
+    return model_args, llama_files.map_consolidated_pth(path, log)
 
 
-def read_hf_checkpoint(path: Path, log) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """config.json and model.safetensors (or the shards that model.safetensors.index.json lists),
-    with the tensors renamed to Meta's names; wq and wk still in Hugging Face's row order."""
-    from safetensors import SafetensorError, safe_open
-
-    config = read_json(path / "config.json")
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'llama'")
-    missing = sorted({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "vocab_size", "rms_norm_eps"} - config.keys())
-    if missing:
-        raise ValueError(f"{path / 'config.json'} lacks {', '.join(missing)}")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if not all(isinstance(config[k], int) and config[k] > 0 for k in ("hidden_size", "num_attention_heads",
-                                                                       "intermediate_size")):
-        raise ValueError(f"{path / 'config.json'}: hidden_size, num_attention_heads and intermediate_size "
-                         f"must be positive integers")
-    unsupported = {"hidden_act": config.get("hidden_act", "silu") != "silu",
-                   "attention_bias": bool(config.get("attention_bias")), "mlp_bias": bool(config.get("mlp_bias")),
-                   "head_dim": config.get("head_dim", dim // n_heads) * n_heads != dim}
-    if any(unsupported.values()):
-        raise ValueError(f"{path / 'config.json'}: this Llama differs from Meta's architecture in "
-                         f"{', '.join(k for k, v in unsupported.items() if v)}")
-    rope_config = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope_config.get("rope_type", rope_config.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{path / 'config.json'}: RoPE type {rope_type!r} is not Llama 3's ('llama3' or 'default')")
-    if rope_type == "llama3":
-        metas = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        differ = [k for k, v in metas.items() if rope_config.get(k, v) != v]
-        if differ:
-            raise ValueError(f"{path / 'config.json'}: RoPE scaling {', '.join(differ)} differ from Llama 3.1's")
+def read_hf_checkpoint(path: Path, log: Callable[[str], None]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """config.json and model*.safetensors (memory-mapped), renamed to Meta's names; wq and wk still in
+    Hugging Face's row order."""
+    config = llama_files.read_config_json(path / "config.json")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5, or 4
     # config.json gives the FFN hidden size itself. With multiple_of equal to it, Meta's rule lands on it
     # from any smaller start (chapter 4); ffn_dim_multiplier scales the start down when it is larger.
-    hidden, start = config["intermediate_size"], int(2 * 4 * dim / 3)
-    model_args = check_llama_args(ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        multiple_of=hidden, ffn_dim_multiplier=None if start <= hidden else hidden / start,
-        norm_eps=config["rms_norm_eps"], rope_theta=rope_config.get("rope_theta", config.get("rope_theta", 10000.0)),
-        use_scaled_rope=rope_type == "llama3", rope_scaling_factor=rope_config.get("factor", 8.0),
-    ), path / "config.json")
+    dim, hidden = config["hidden_size"], config["intermediate_size"]
+    start = int(2 * 4 * dim / 3)
+    model_args = ModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        vocab_size=config["vocab_size"], multiple_of=hidden,
+        ffn_dim_multiplier=None if start <= hidden else hidden / start, norm_eps=config["rms_norm_eps"],
+        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        use_scaled_rope=rope.get("rope_type", rope.get("type")) == "llama3",
+        rope_scaling_factor=rope.get("factor", 8.0),
+    )
     if model_args.use_scaled_rope:
         log(f"RoPE scaling factor {model_args.rope_scaling_factor:g} (config.json)")
+    state_dict = llama_files.map_safetensors(path, log)
+    return model_args, {hf_to_meta_name(name): tensor for name, tensor in state_dict.items()}
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has config.json but neither model.safetensors "
-                                f"nor model.safetensors.index.json")
-    state_dict = {}
-    for file in files:
-        log(f"mapping {path / file}")
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                for name in f.keys():
-                    state_dict[hf_to_meta_name(name)] = f.get_tensor(name)
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"{path / file} is not a readable safetensors file ({e})") from e
-    return model_args, state_dict
+
+def same_matrix(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when b is a (the same memory, as in Meta's 1B and 3B files) or an equal copy of it."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return (a.data_ptr(), a.stride()) == (b.data_ptr(), b.stride()) or torch.equal(a, b)
 
 
 def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | None = None, device: str = "cpu",
                log: Callable[[str], None] = print) -> tuple[Transformer, Llama3Tokenizer]:
     """Meta's Llama 3 in our `Transformer`, from a directory in Meta's layout or Hugging Face's.
 
-    The weights are loaded once: the model is built on the meta device (shapes, no memory), then
-    `load_state_dict(assign=True)` makes the checkpoint's own tensors its parameters.
+    The model is built on the meta device (shapes, no memory), then `load_state_dict(assign=True)` makes
+    the checkpoint's memory-mapped tensors its parameters: no copy, except Hugging Face's wq and wk (their
+    rows are reordered) and, when `dtype` differs from the file's, one conversion per tensor.
 
     Args:
         path: Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or Hugging Face's
-            (config.json, model.safetensors or its shards; tokenizer.model here or in original/).
+            (config.json, model.safetensors or its shards; tokenizer.model here or in original/, or tokenizer.json).
         max_seq_len: the context, which sizes the KV cache (not the model's 131,072 tokens).
         dtype: the weights' dtype; None keeps the checkpoint's.
         log: called with one line per loading step.
@@ -348,13 +291,7 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
     """
     t0 = time.perf_counter()
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory")
-    tokenizer_path = next((p for p in (path / "tokenizer.model", path / "original" / "tokenizer.model")
-                           if p.is_file()), None)
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"{path} has no tokenizer.model (nor original/tokenizer.model)")
-    tokenizer = Llama3Tokenizer(tokenizer_path)
+    tokenizer = Llama3Tokenizer(llama_files.find_tokenizer(path))
     meta_layout = (path / "params.json").is_file()
     if meta_layout:
         model_args, state_dict = read_meta_checkpoint(path, log)
@@ -365,39 +302,26 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
     if model_args.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{path}: the model's vocab_size {model_args.vocab_size} is not its tokenizer's "
                          f"{tokenizer.vocab_size}")
-    model_args = replace(model_args, max_seq_len=max_seq_len, max_batch_size=1)
-    tied = "output.weight" not in state_dict  # Llama 3.2 1B and 3B: the output matrix is the embedding
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        model = Transformer(replace(llama_files.checked(model_args, path), max_seq_len=max_seq_len, max_batch_size=1))
+    llama_files.check_names_and_shapes(state_dict, model.state_dict(), path)  # output.weight may be left out
+    embedding, output = state_dict["tok_embeddings.weight"], state_dict.pop("output.weight", None)
+    tied = output is None or same_matrix(embedding, output)  # Llama 3.2 1B and 3B: output = the embedding
+    if not tied:
+        state_dict["output.weight"] = output
 
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no initialization
-            model = Transformer(model_args)
-    except ValueError as e:  # the heads do not fit the width
-        raise ValueError(f"{path}: {e}") from e
-    expected = {name: t for name, t in model.state_dict().items() if not (tied and name == "output.weight")}
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{path}: the weights do not fit its {'params' if meta_layout else 'config'}.json: "
-                         + "; ".join(f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names))
+    dtype = dtype or embedding.dtype
     for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{path}: {name} has shape {shape}, but its {'params' if meta_layout else 'config'}.json "
-                             f"needs {tuple(expected[name].shape)}")
-
-    dtype = dtype or state_dict["tok_embeddings.weight"].dtype
-    for name in tqdm(list(state_dict), desc="loading weights", file=sys.stderr, leave=False):
-        tensor = state_dict[name]
-        if not meta_layout and name.endswith("attention.wq.weight"):
-            tensor = unpermute_hf(tensor, model_args.n_heads)
-        elif not meta_layout and name.endswith("attention.wk.weight"):
-            tensor = unpermute_hf(tensor, model_args.n_kv_heads or model_args.n_heads)
-        state_dict[name] = tensor.to(dtype)
+        if not meta_layout and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = model_args.n_heads if ".wq." in name else model_args.n_kv_heads or model_args.n_heads
+            state_dict[name] = unpermute_hf(tensor, heads, dtype)
+        else:
+            state_dict[name] = tensor.to(dtype)  # no copy when it already is
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     model.load_state_dict(state_dict, strict=True, assign=True)
     if tied:
-        model.output.weight = model.tok_embeddings.weight  # one Parameter, so .to(device) keeps it shared
+        model.output.weight = model.tok_embeddings.weight  # one Parameter: counted, cast and moved once
     model = model.to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())  # a shared Parameter counts once
     log(f"loaded {n_params:,} parameters{' (output tied to the embedding)' if tied else ''}: "
@@ -406,72 +330,263 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
     return model, tokenizer
 
 
-# ----------------------------------------------------------------------------- command line
-
-LLAMA_SEQ_LEN = 2048  # the default context: the KV cache holds this many tokens
+# ----------------------------------------------------------------------------- a conversation
 
 
-def generate_llama(args: argparse.Namespace) -> None:
-    """--llama-dir DIR: Meta's Llama 3 continues --prompt (or answers it, --chat), and the text appears as it comes."""
+class ContextFull(ValueError):
+    """The history no longer fits in the KV cache."""
+
+
+class Conversation:
+    """Generation that goes on where it stopped: `tokens` is the whole history, and the KV cache holds its
+    first `pos` tokens. Each step feeds only the tokens the cache lacks, at position `pos` (Meta's
+    `forward(tokens, start_pos)`), so every token of a conversation runs through the model once, and the
+    history is exactly the tokens generated (no answer is decoded to text and encoded again).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Llama3Tokenizer, system: str | None = None,
+                 temperature: float = 0.6, top_p: float = 0.9, seed: int = 0):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tokens: list[int] = []
+        self.pos = 0
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], max_new_tokens: int) -> Iterator[int]:
+        """Append `tokens` to the history, then sample up to max_new_tokens tokens, yielding each; a stop
+        token (<|eot_id|>, ...) is yielded and ends the answer. The last token sampled is in the history
+        but not yet in the cache: the next call feeds it first.
+
+        Raises:
+            ContextFull: the history outgrows max_seq_len.
+        """
+        self.tokens += tokens
+        device = self.model.tok_embeddings.weight.device
+        for _ in range(max_new_tokens):
+            if len(self.tokens) > self.model.params.max_seq_len:
+                raise ContextFull(f"the context is full ({self.model.params.max_seq_len} tokens, --seq-len): "
+                                  f"the conversation ends here")
+            new = torch.tensor([self.tokens[self.pos :]], device=device)  # (1, seqlen): what the cache lacks
+            with cpu_matrix_vector_kernel(new.shape[1]):  # one token: a faster kernel on a CPU
+                logits, _ = self.model(new, start_pos=self.pos)  # (1, seqlen, vocab_size)
+            self.pos = len(self.tokens)
+            token = self.sample(logits[0, -1])
+            self.tokens.append(token)
+            yield token
+            if token in self.tokenizer.stop_ids:
+                return
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """temperature 0: the most likely token; else top-p sampling (chapter main.py) of softmax(logits / T)."""
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / self.temperature, dim=-1)  # (vocab_size,)
+        return int(sample_top_p(probs[None].cpu(), self.top_p, self.generator))
+
+    def reply(self, message: str, max_new_tokens: int) -> Iterator[int]:
+        """The user's next turn, then the assistant's answer (Meta's chat format).
+
+        The turn's tokens: <|begin_of_text|> and the system message if the dialog starts here; <|eot_id|>
+        if max_new_tokens cut the last answer short; the user's message; the assistant's header.
+        """
+        tok = self.tokenizer
+        if not self.tokens:
+            turn = [tok.bos_id, *(tok.encode_message("system", self.system) if self.system is not None else [])]
+        else:
+            turn = [tok.eot_id] if self.tokens[-1] not in tok.stop_ids else []
+        return self.generate(turn + tok.encode_message("user", message) + tok.encode_header("assistant"),
+                             max_new_tokens)
+
+
+def talk(args: argparse.Namespace) -> None:
+    """--llama-dir DIR: continue --prompt, or answer it (--chat), or converse on stdin (--chat alone)."""
     device = pick_device(args.device)
     model, tokenizer = load_llama(args.llama_dir, args.seq_len, getattr(torch, args.dtype) if args.dtype else None,
                                   device, log=lambda line: print(line, file=sys.stderr))
-    tokens = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt, bos=True)
-    new_tokens = generate_tokens(model, tokens, args.max_new_tokens, tokenizer.stop_ids, args.temperature,
-                                 args.top_p, torch.Generator().manual_seed(args.seed))
-    print(args.prompt, end="", flush=True)
-    t0 = time.perf_counter()
-    ids, shown = [], ""
-    for token in new_tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # a character split over two tokens waits for its second half
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-    print(tokenizer.decode(ids)[len(shown) :])
-    seconds = time.perf_counter() - t0
-    print(f"{len(tokens)} prompt tokens, {len(ids)} new tokens in {seconds:.1f} s "
-          f"({len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
+    conversation = Conversation(model, tokenizer, args.system, args.temperature, args.top_p, args.seed)
+    if args.chat:
+        if args.prompt is not None:
+            print(f"> {args.prompt}")
+        turns = [args.prompt] if args.prompt is not None else read_user_turns()
+    else:
+        turns = [args.prompt if args.prompt is not None else "The capital of France is"]
+    n_new, seconds = 0, 0.0
+    for message in turns:
+        t0 = time.perf_counter()
+        if args.chat:
+            n_new += print_tokens(tokenizer, conversation.reply(message, args.max_new_tokens))
+        else:
+            print(message, end="")
+            n_new += print_tokens(tokenizer, conversation.generate(tokenizer.encode(message, bos=True),
+                                                                   args.max_new_tokens))
+        seconds += time.perf_counter() - t0
+    print(f"{n_new} new tokens in {seconds:.1f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s); "
+          f"{conversation.pos} tokens in the KV cache", file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Chapter 5: Meta's Llama 3 with the code of chapters 1-4 and main.py.")
-    p.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
-                   help="a Llama 3 checkpoint: Meta's layout (params.json, consolidated.00.pth) or Hugging Face's "
-                        "(config.json, model*.safetensors), plus tokenizer.model. Without it: the tokenizer demo")
-    p.add_argument("--prompt", default="The capital of France is",
-                   help="text to continue, after <|begin_of_text|> (default: %(default)s)")
-    p.add_argument("--chat", action="store_true",
-                   help="send --prompt as one user turn in Llama 3's chat format (Instruct models)")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=64,
-                   help="BPE tokens to generate at most (default: %(default)s)")
-    p.add_argument("--temperature", type=temperature_type, default=0.6,
-                   help="sampling temperature; 0 = greedy (default: %(default)s, as in Meta's examples)")
-    p.add_argument("--top-p", type=top_p_type, default=0.9,
-                   help="nucleus sampling: keep the most likely tokens whose probability adds up to p "
-                        "(default: %(default)s)")
-    p.add_argument("--seq-len", type=context_length, default=LLAMA_SEQ_LEN,
-                   help="the context in tokens, which sizes the KV cache (default: %(default)s)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the weights' dtype (default: the checkpoint's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
-    p.add_argument("--seed", type=seed_type, default=0, help="random seed for sampling (default: %(default)s)")
-    p.add_argument("--llama-tokenizer", type=Path, default=None,
-                   help="without --llama-dir: Meta's tokenizer.model for the demo (default: the copy in the "
-                        "llama-models package, if it is installed)")
-    p.add_argument("--data", default=None, help="without --llama-dir: the text the demo tokenizes "
-                   "(default: data/tinyshakespeare.txt)")
-    return p
+# ----------------------------------------------------------------------------- the demo: a tiny random Llama 3
+
+TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+               "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What Hugging Face's conversion script does to Meta's wq and wk (unpermute_hf undoes it)."""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def random_llama(params: dict, std: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights with Meta's names and shapes for `params` (params.json's keys): matrices of normal
+    numbers of this std, norm gains 1, and output.weight the embedding tensor itself, as in Meta's 1B and 3B files."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        shapes = Transformer(ModelArgs(**params)).state_dict()
+    weights = {name: (torch.randn(t.shape, generator=generator) * std if t.dim() == 2 else torch.ones(t.shape))
+               .to(dtype) for name, t in shapes.items() if name != "output.weight"}
+    return {**weights, "output.weight": weights["tok_embeddings.weight"]}
+
+
+def write_both_layouts(root: Path, weights: dict[str, torch.Tensor], params: dict, tokenizer: str) -> tuple[Path, Path]:
+    """The same weights in Meta's layout and in what Hugging Face's conversion script makes of it (its names,
+    wq and wk rows reordered, no lm_head when tied), each with `tokenizer` as tokenizer.model. Returns both paths."""
+    meta, hf = root / "meta", root / "hf"
+    for path in (meta, hf):
+        path.mkdir(parents=True)
+        (path / "tokenizer.model").write_text(tokenizer)
+    (meta / "params.json").write_text(json.dumps(params))
+    torch.save(weights, meta / "consolidated.00.pth")
+
+    to_hf = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"} | {
+        f"layers.{i}.{meta_name}.weight": f"model.layers.{i}.{hf_name}.weight"
+        for i in range(params["n_layers"]) for hf_name, meta_name in HF_LAYER_NAMES.items()}
+    tied = weights["output.weight"] is weights["tok_embeddings.weight"]
+    hf_weights = {} if tied else {"lm_head.weight": weights["output.weight"]}
+    for name, hf_name in to_hf.items():
+        w = weights[name]
+        if name.endswith(("wq.weight", "wk.weight")):
+            w = permute_for_hf(w, params["n_heads"] if ".wq." in name else params["n_kv_heads"])
+        hf_weights[hf_name] = w.contiguous()
+    save_file(hf_weights, hf / "model.safetensors")
+    factor = meta_rope_scaling_factor(ModelArgs(**params))
+    rope = {"rope_type": "llama3", "rope_theta": params["rope_theta"], "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": params["dim"],
+              "num_hidden_layers": params["n_layers"], "num_attention_heads": params["n_heads"],
+              "num_key_value_heads": params["n_kv_heads"], "vocab_size": params["vocab_size"],
+              "intermediate_size": weights["layers.0.feed_forward.w1.weight"].shape[0],
+              "rms_norm_eps": params["norm_eps"], "tie_word_embeddings": tied, "max_position_embeddings": 131072,
+              "rope_parameters": rope if params["use_scaled_rope"] else {"rope_type": "default",
+                                                                         "rope_theta": params["rope_theta"]}}
+    (hf / "config.json").write_text(json.dumps(config))
+    return meta, hf
+
+
+def parameter_counts(params: dict) -> dict[str, int]:
+    """A model's parameters by part, counted on the meta device (no memory), with the output tied."""
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**params))
+    model.output.weight = model.tok_embeddings.weight
+    parts = {"embedding = output": "tok_embeddings", "attention": ".attention.", "feed-forward": ".feed_forward.",
+             "norms": "norm"}
+    return {part: sum(p.numel() for name, p in model.named_parameters() if key in name) for part, key in parts.items()}
+
+
+def plot_figure(logits: dict[str, torch.Tensor], counts: dict[str, int], fig_dir: Path) -> Path:
+    """Left: the logits of Hugging Face's layout against Meta's, with and without undoing the reordering.
+    Right: where Llama 3.2 1B's parameters are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    meta = logits["meta"].flatten()
+    left.scatter(meta, logits["hf_as_stored"].flatten(), s=2, alpha=0.3, color="tab:red",
+                 label="Hugging Face's file, wq and wk taken as stored")
+    left.scatter(meta, logits["hf"].flatten(), s=2, color="tab:blue", label="Hugging Face's file, unpermute_hf")
+    left.set(title="The same random weights in two layouts: logits of a tiny Llama 3",
+             xlabel="logit, loaded from Meta's layout", ylabel="logit, loaded from Hugging Face's layout")
+    left.legend(markerscale=6)
+    total = sum(counts.values())
+    bars = right.barh(list(counts), [c / 1e6 for c in counts.values()], color=["tab:green", "tab:blue", "tab:orange",
+                                                                                 "tab:gray"])
+    right.bar_label(bars, [f"{c / 1e6:,.1f}M ({c / total:.0%})" for c in counts.values()], padding=3)
+    right.invert_yaxis()
+    right.set_xlim(0, max(counts.values()) / 1e6 * 1.35)
+    right.set(title=f"Llama 3.2 1B: {total:,} parameters, output tied\n({2 * total / 1e9:.2f} GB in bfloat16; "
+                    f"an untied output would add {counts['embedding = output'] / 1e6:,.0f}M)",
+              xlabel="parameters (millions)")
+    fig.tight_layout()
+    path = fig_dir / "05_llama3_weights.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def demo_tokenizer(path: Path, corpus: Path | None) -> None:
+    """Meta's real tokenizer: a line of Shakespeare, a chat prompt, and the corpus in BPE tokens."""
+    tokenizer = Llama3Tokenizer(path)
+    text = "ROMEO: But soft, what light through yonder window breaks?"
+    ids = tokenizer.encode(text, bos=True)
+    print(f"Llama3Tokenizer ({path}): vocab_size {tokenizer.vocab_size:,}; {len(text)} characters -> {len(ids)} ids")
+    print(f"  {ids}\n  pieces: {[tokenizer.decode([i]) for i in ids]}")
+    dialog = tokenizer.encode_dialog_prompt([{"role": "user", "content": "Who is Romeo?"}])
+    print(f"encode_dialog_prompt, one user message: {dialog}\n  = {tokenizer.decode(dialog)!r}")
+    if corpus is not None and corpus.is_file():
+        text = corpus.read_text(encoding="utf-8")
+        n_tokens = len(tokenizer.encode(text))
+        print(f"{corpus.name}: {len(text):,} characters = {n_tokens:,} tokens ({len(text) / n_tokens:.2f} per token)")
+
+
+def demo(args: argparse.Namespace) -> None:
+    """No download: a tiny random Llama 3 in both layouts, Llama 3.2 1B counted, and the real tokenizer if present."""
+    with tempfile.TemporaryDirectory() as tmp:
+        byte_tokenizer = "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+        # std 0.15: logits that spread out
+        meta_dir, hf_dir = write_both_layouts(Path(tmp), random_llama(TINY_PARAMS, 0.15), TINY_PARAMS, byte_tokenizer)
+        quiet = lambda line: None  # noqa: E731
+        models = {"meta": load_llama(meta_dir, 64, log=quiet)[0], "hf": load_llama(hf_dir, 64, log=quiet)[0]}
+        # What a loader that renames Hugging Face's tensors but keeps their row order would get:
+        models["hf_as_stored"] = Transformer(models["meta"].params)
+        stored = {hf_to_meta_name(name): w for name, w in load_file(hf_dir / "model.safetensors").items()}
+        models["hf_as_stored"].load_state_dict({**stored, "output.weight": stored["tok_embeddings.weight"]})
+    tokens = torch.tensor([list(b"ROMEO: But soft, what light through yonder window")])  # (1, 49), byte ids
+    with torch.no_grad():
+        logits = {name: model(tokens)[0] for name, model in models.items()}  # (1, 49, 512) each
+    meta = models["meta"]
+    print("a tiny random Llama 3 (dim 64, 2 layers, vocab 512) written in Meta's layout and Hugging Face's:")
+    print(f"  output.weight is tok_embeddings.weight: {meta.output.weight is meta.tok_embeddings.weight} "
+          f"(one Parameter, {sum(p.numel() for p in meta.parameters()):,} parameters)")
+    print(f"  logits, Hugging Face's layout against Meta's: max |difference| = "
+          f"{(logits['hf'] - logits['meta']).abs().max():.1g} (should be 0)")
+    print(f"  the same with wq and wk as stored: {(logits['hf_as_stored'] - logits['meta']).abs().max():.2f}")
+    counts = parameter_counts(LLAMA_32_PARAMS["1B"])
+    total = sum(counts.values())
+    print(f"Llama 3.2 1B: {total:,} parameters (should be 1,235,814,400), {2 * total / 1e9:.2f} GB in bfloat16; "
+          f"untied it would be {total + counts['embedding = output']:,}")
+    tokenizer = args.llama_tokenizer or packaged_llama3_tokenizer()
+    if tokenizer is None:
+        print("Meta's tokenizer: not shown; pass --llama-tokenizer PATH/tokenizer.model (or pip install llama-models)")
+    else:
+        demo_tokenizer(tokenizer, args.data)
+    print(f"figure: {plot_figure(logits, counts, args.fig_dir)}")
+    print("caption: reordered back, Hugging Face's file gives Meta's logits exactly; taken as stored, RoPE rotates "
+          "the wrong pairs. Tied, the 1B model's embedding is a fifth of it, and counts once.")
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
     try:
-        if args.llama_dir is None:
-            demo_llama3_tokenizer(inputs.load_text(args.data), args.llama_tokenizer or packaged_llama3_tokenizer())
-        else:
-            generate_llama(args)
+        demo(args) if args.llama_dir is None else talk(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (OSError, ValueError) as e:

@@ -21,7 +21,7 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
-            "04_feedforward_and_transformer_block.py", "06_lora_finetuning.py"]
+            "04_feedforward_and_transformer_block.py", "05_llama3_tokenizer_and_weights.py", "06_lora_finetuning.py"]
 
 
 def run(script: str, *flags: str) -> None:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     data = ["--data", str(args.data.resolve())] if args.data else []
 
     for chapter in CHAPTERS:
-        run(chapter, "--fig-dir", str(fig_dir), *(data if chapter.startswith("01") else []))
+        run(chapter, "--fig-dir", str(fig_dir), *(data if chapter.startswith(("01", "05")) else []))
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = str(args.out_dir.resolve()) if args.out_dir else tmp
         steps = [] if args.max_iters is None else ["--max-iters", str(args.max_iters),

@@ -25,11 +25,11 @@ def write_byte_tokenizer(path: Path) -> None:
 
 
 def hf_config(vocab_size: int = 512, n_heads: int = 4, n_kv_heads: int = 2, factor: float | None = 32.0,
-              tied: bool = True, **overrides) -> LlamaConfig:
-    """A tiny Llama 3 in transformers' terms: dim 64, 2 layers, rope_theta 500000, `factor` None for no scaling."""
-    rope = {"rope_type": "default", "rope_theta": 500000.0}
+              tied: bool = True, rope_theta: float = 500000.0, **overrides) -> LlamaConfig:
+    """A tiny Llama 3 in transformers' terms: dim 64, 2 layers; `factor` None for no RoPE scaling."""
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
     if factor is not None:
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0,
+        rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": factor, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                     num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
@@ -51,9 +51,10 @@ def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
-def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+def meta_state_dict(model: LlamaForCausalLM, output: str = "shared") -> dict[str, torch.Tensor]:
     """The reference's weights under Meta's names, wq and wk in Meta's order (undoing the permutation
-    by its index: this does not use unpermute_hf)."""
+    by its index: this does not use unpermute_hf). A tied model's output.weight is, by `output`:
+    "shared" the embedding tensor itself (Meta's 1B and 3B files), "copy" an equal copy, "absent" left out."""
     config = model.config
     out = {}
     for name, tensor in model.state_dict().items():
@@ -65,26 +66,65 @@ def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
             order = permute_meta_to_hf(torch.arange(tensor.shape[0]).view(-1, 1), heads).view(-1)
             tensor = tensor[torch.argsort(order)]
         out[meta_name] = tensor.clone().contiguous()
+    if config.tie_word_embeddings and output != "absent":
+        embedding = out["tok_embeddings.weight"]
+        out["output.weight"] = embedding if output == "shared" else embedding.clone()
     return out
 
 
-def write_meta_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path) -> Path:
+def write_meta_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path, output: str = "shared",
+                      dtype: torch.dtype | None = None) -> Path:
+    """Meta's layout of the reference, its tensors in `dtype` (default: the reference's); `output` as in
+    meta_state_dict."""
     config = model.config
     path.mkdir(parents=True)
     params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": config.num_attention_heads,
               "n_kv_heads": config.num_key_value_heads, "vocab_size": config.vocab_size, "multiple_of": 16,
-              "ffn_dim_multiplier": None, "norm_eps": config.rms_norm_eps, "rope_theta": 500000.0,
+              "ffn_dim_multiplier": None, "norm_eps": config.rms_norm_eps,
+              "rope_theta": config.rope_parameters["rope_theta"],
               "use_scaled_rope": config.rope_parameters["rope_type"] == "llama3"}
     assert blocks.ffn_hidden_dim(4 * config.hidden_size, 16, None) == config.intermediate_size
     (path / "params.json").write_text(json.dumps(params))
-    torch.save(meta_state_dict(model), path / "consolidated.00.pth")
+    state_dict = meta_state_dict(model, output)
+    converted = {id(t): t.to(dtype or t.dtype) for t in state_dict.values()}  # a shared tensor stays shared
+    torch.save({name: converted[id(t)] for name, t in state_dict.items()}, path / "consolidated.00.pth")
     shutil.copy(tokenizer, path / "tokenizer.model")
     return path
 
 
 def write_hf_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path, sharded: bool = False,
-                    tokenizer_in_original: bool = False) -> Path:
+                    tokenizer_in_original: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Hugging Face's layout of the reference (save_pretrained), its tensors in `dtype` (default: the reference's)."""
+    if dtype is not None and dtype != model.dtype:  # a converted copy: the reference stays as it is
+        copy = LlamaForCausalLM(model.config).to(dtype)
+        copy.load_state_dict(model.state_dict())
+        model = copy
     model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
     (path / "original").mkdir()
     shutil.copy(tokenizer, path / ("original" if tokenizer_in_original else ".") / "tokenizer.model")
+    return path
+
+
+def write_tokenizer_json(tokenizer_model: Path, path: Path) -> Path:
+    """Hugging Face's tokenizer.json for Meta's tokenizer.model, as transformers' converter writes it."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=str(tokenizer_model), pattern=llama.LLAMA3_PAT_STR,
+                                  extra_special_tokens=llama.LLAMA3_SPECIAL_TOKENS)
+    converter.converted().save(str(path))
+    return path
+
+
+def write_meta_shape(path: Path, params: dict, tokenizer: Path) -> Path:
+    """Meta's layout of a model of these params.json whose every tensor is one number repeated (stride 0), with
+    output.weight the embedding tensor itself: the real shapes of a large model in a file of a few kilobytes."""
+    with torch.device("meta"):
+        shapes = llama.Transformer(llama.ModelArgs(**params)).state_dict()
+    state_dict = {name: torch.full((1,) * len(t.shape), 0.01, dtype=torch.bfloat16).expand(t.shape)
+                  for name, t in shapes.items() if name != "output.weight"}
+    state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    path.mkdir(parents=True)
+    torch.save(state_dict, path / "consolidated.00.pth")
+    (path / "params.json").write_text(json.dumps(params))
+    shutil.copy(tokenizer, path / "tokenizer.model")
     return path
