@@ -45,25 +45,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from llama_1b import SHAPES, peak_rss, write_random_llama  # noqa: E402
+
 from plumbing.validators import positive_int  # noqa: E402
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 
-SHAPES = {  # params.json of Llama 3.2 1B, and a tiny model with the same vocabulary for a smoke test
-    "1b": llama.LLAMA_32_PARAMS["1B"],
-    "tiny": {**llama.LLAMA_32_PARAMS["1B"], "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-             "multiple_of": 16, "ffn_dim_multiplier": None},
-}
 PROMPT = [128000, 791, 6864, 315, 9822, 374]  # <|begin_of_text|>The capital of France is
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux: VmHWM, which, unlike getrusage's ru_maxrss,
-    does not inherit the parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status (this benchmark measures memory on Linux only)")
 
 
 def timed_decode(tokens, n: int) -> dict:
@@ -176,9 +164,7 @@ def main() -> None:
         path = args.dir or Path(tmp)
         if not (path / "meta" / "consolidated.00.pth").is_file():
             t0 = time.perf_counter()
-            weights = llama.random_llama(SHAPES[args.shape], std=0.02, dtype=torch.bfloat16)
-            llama.write_both_layouts(path, weights, SHAPES[args.shape], tokenizer.read_text())
-            del weights
+            write_random_llama(path, args.shape, tokenizer)
             print(f"wrote random {args.shape} checkpoints in Meta's and Hugging Face's layouts to {path} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         runs = {"ours": [], "theirs": [], "bandwidth": []}

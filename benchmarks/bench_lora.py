@@ -1,6 +1,7 @@
 """LoRA fine-tuning at the size of Llama 3.2 1B, random weights: our chapter 6 against peft on transformers.
 
-Writes a checkpoint in Meta's layout (params.json, consolidated.00.pth, tokenizer.model) with exactly Llama 3.2 1B's
+Writes a checkpoint in Meta's layout (params.json, consolidated.00.pth, tokenizer.model; and Hugging Face's, unused
+here) with exactly Llama 3.2 1B's
 names, shapes and dtype (bfloat16; output.weight stored as the same tensor as tok_embeddings.weight, as in Meta's
 file), then measures, each in a fresh Python process:
 
@@ -42,6 +43,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from llama_1b import SHAPES, peak_rss, write_random_llama  # noqa: E402
+
 import main  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
 
@@ -49,43 +52,7 @@ inputs = importlib.import_module("01_input_block")
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 lora = importlib.import_module("06_lora_finetuning")
 
-# params.json of Llama 3.2 1B, and a tiny model with the same vocabulary for a smoke test.
-SHAPES = {
-    "1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
-           "ffn_dim_multiplier": 1.5, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
-    "tiny": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 16,
-             "ffn_dim_multiplier": None, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
-}
 RANK, ALPHA, SEQ_LEN, LEARNING_RATE = 8, 16.0, 128, 2e-4
-
-
-def write_checkpoint(path: Path, params: dict, tokenizer: Path) -> int:
-    """Random bfloat16 weights with Meta's names and shapes; norm gains 1; output.weight is tok_embeddings.weight."""
-    with torch.device("meta"):
-        shapes = main.Transformer(main.ModelArgs(**params)).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {}
-    for name, t in shapes.items():
-        if name == "output.weight":
-            continue
-        if name.endswith("norm.weight"):
-            state_dict[name] = torch.ones(t.shape, dtype=torch.bfloat16)
-        else:
-            state_dict[name] = (torch.randn(t.shape, generator=generator) * 0.02).to(torch.bfloat16)
-    state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # one tensor in the file, as in Meta's
-    torch.save(state_dict, path / "consolidated.00.pth")
-    (path / "params.json").write_text(json.dumps(params))
-    (path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-    return sum(t.numel() for name, t in state_dict.items() if name != "output.weight")
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux: VmHWM, which, unlike getrusage's ru_maxrss,
-    does not inherit the parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status (this benchmark measures memory on Linux only)")
 
 
 def weights_bytes(model: nn.Module) -> int:
@@ -234,14 +201,14 @@ def main_cli() -> None:
         sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        n_params = write_checkpoint(Path(tmp), SHAPES[args.shape], tokenizer)
+        n_params = write_random_llama(Path(tmp), args.shape, tokenizer)
         print(f"wrote a random {args.shape} checkpoint: {n_params:,} parameters in {time.perf_counter() - t0:.0f} s",
               flush=True)
-        memory = child("--measure-memory", Path(tmp), args.memory_steps, args.threads)
+        memory = child("--measure-memory", Path(tmp) / "meta", args.memory_steps, args.threads)
         print(f"ours: peak RSS {memory['peak_rss_gb']:.2f} GB = {memory['peak_rss_over_base']:.2f}x the base's "
               f"{memory['base_weights_gb']:.2f} GB in bfloat16 ({memory['model_rss_over_base']:.2f}x without the "
               f"{memory['rss_gb_before_load']:.2f} GB before loading)", flush=True)
-        speed = child("--measure-speed", Path(tmp), args.steps, args.threads)
+        speed = child("--measure-speed", Path(tmp) / "meta", args.steps, args.threads)
     print(f"logits before training, ours against transformers' (bfloat16): max |diff| "
           f"{speed['logits_max_abs_diff']:.2e} for logits up to {speed['logits_max_abs']:.2f}, "
           f"cosine similarity {speed['logits_cosine']:.5f}")

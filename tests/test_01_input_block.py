@@ -38,7 +38,7 @@ def test_vocabulary_is_sorted_characters_then_special_tokens():
     assert tok.chars == ["a", "b", "c", "e", "g"]
     assert tok.encode("abc") == [0, 1, 2]
     assert (tok.bos_id, tok.eos_id) == (5, 6)
-    assert tok.vocab_size == 7  # no padding token: Meta's base tokenizer has none
+    assert tok.vocab_size == 7  # no padding token: every window is full
 
 
 def test_tiny_shakespeare_has_65_characters_plus_2_special_tokens(shakespeare_path):

@@ -1,0 +1,37 @@
+"""What the Llama benchmarks share: the checkpoint shapes they write, and a process's peak memory."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+
+SHAPES = {  # params.json of Llama 3.2 1B, and a tiny model with the same vocabulary for a smoke test
+    "1b": llama.LLAMA_32_PARAMS["1B"],
+    "tiny": {**llama.LLAMA_32_PARAMS["1B"], "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+             "multiple_of": 16, "ffn_dim_multiplier": None},
+}
+
+
+def write_random_llama(path: Path, shape: str, tokenizer: Path) -> int:
+    """Random bfloat16 weights with exactly the shape's names and sizes, as Meta ships them (path/meta: params.json,
+    consolidated.00.pth with output.weight the same tensor as tok_embeddings.weight) and as Hugging Face's
+    conversion makes them (path/hf). Returns the number of parameters (the tied matrix once)."""
+    weights = llama.random_llama(SHAPES[shape], std=0.02, dtype=torch.bfloat16)
+    llama.write_both_layouts(path, weights, SHAPES[shape], tokenizer.read_text())
+    return sum(t.numel() for name, t in weights.items() if name != "output.weight")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux: VmHWM, which, unlike getrusage's ru_maxrss,
+    does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status (this benchmark measures memory on Linux only)")
