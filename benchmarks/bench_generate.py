@@ -31,7 +31,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,9 +56,8 @@ def load_model(ckpt: str) -> tuple[main.Transformer, main.inputs.CharTokenizer, 
     # The 65 characters of Tiny Shakespeare, so we need neither the corpus nor a download.
     chars = sorted(set("\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"))
     tokenizer = main.inputs.CharTokenizer(chars)
-    model_args, _ = main.PRESETS["cpu"]
     torch.manual_seed(1337)
-    model = main.Transformer(replace(model_args, vocab_size=tokenizer.vocab_size))
+    model = main.Transformer(main.ModelArgs(vocab_size=tokenizer.vocab_size))
     return model, tokenizer, "the default model with random weights (no checkpoint found)"
 
 
@@ -104,10 +102,10 @@ def long_context(tokenizer: main.inputs.CharTokenizer) -> dict:
     the cache, for the same greedy text (exits with an error if the texts differ). One run of each: the
     recompute alone takes tens of seconds, long enough to average out short disturbances. Both times
     include the prompt's forward pass, as in the short case."""
-    model_args, _ = main.PRESETS["gpu"]
+    gpu_model, _ = main.PRESETS["gpu"]  # the GPU preset's differences from ModelArgs' defaults
     torch.manual_seed(1337)
-    model = main.Transformer(replace(model_args, vocab_size=tokenizer.vocab_size, max_seq_len=LONG_SEQ_LEN,
-                                     max_batch_size=1)).eval()
+    model = main.Transformer(main.ModelArgs(**{**gpu_model, "vocab_size": tokenizer.vocab_size,
+                                               "max_seq_len": LONG_SEQ_LEN, "max_batch_size": 1})).eval()
     prompt = (PROMPT * (LONG_SEQ_LEN // len(PROMPT) + 1))[: LONG_SEQ_LEN - LONG_NEW_TOKENS]
     cache_s, cached_text = best_time(
         lambda: main.generate(model, tokenizer, prompt, LONG_NEW_TOKENS, temperature=0.0), 1)

@@ -1,7 +1,7 @@
 """Training speed of the default model: tokens per second and the fraction of matmul peak.
 
 One training step = forward, backward and the preset's optimizer update, exactly as `main.train_step`
-runs it for `python main.py`. We time it for the default configuration (`main.PRESETS["cpu"]`) in
+runs it for `python main.py`. We time it for the default configuration (`main.ModelArgs()`, `main.TrainConfig()`) in
 three variants, on random token ids (speed does not depend on the text):
 
     fused       F.scaled_dot_product_attention (the default in chapter 3)
@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,7 +91,7 @@ def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, 
     for layer in model.layers:
         layer.attention.fused = variant != "manual"
     optimizers = main.configure_optimizer(model, cfg, "cpu")
-    lrs = [main.peak_lr(o, cfg) for o in optimizers]
+    lrs = list(main.learning_rates(cfg.warmup_iters, optimizers, cfg).values())  # the peak rates
     x = torch.randint(0, VOCAB_SIZE, (cfg.batch_size, model_args.max_seq_len))  # (bsz, seqlen)
     y = torch.randint(0, VOCAB_SIZE, (cfg.batch_size, model_args.max_seq_len))
     original_rope = rope.apply_rotary_emb
@@ -127,8 +126,7 @@ def run() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model_args, cfg = main.PRESETS["cpu"]
-    model_args = replace(model_args, vocab_size=VOCAB_SIZE)
+    model_args, cfg = main.ModelArgs(vocab_size=VOCAB_SIZE), main.TrainConfig()
     tokens_per_step = cfg.batch_size * model_args.max_seq_len
     flops = flops_per_token(main.Transformer(model_args))
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
