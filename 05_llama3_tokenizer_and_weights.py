@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from main import ModelArgs, Transformer, sample_top_p
 from plumbing import llama_files
 from plumbing.chat import build_parser, cpu_matrix_vector_kernel, print_tokens, read_user_turns
-from plumbing.runtime import pick_device
+from plumbing.runtime import exit_on_error, pick_device
 
 # ----------------------------------------------------------------------------- Llama 3's tokenizer
 
@@ -585,12 +585,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
-    try:
+    with exit_on_error():
         demo(args) if args.llama_dir is None else talk(args)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ from main import (
 from plumbing import lora_cli
 from plumbing.lora_cli import load_adapter
 from plumbing.reports import write_metrics
-from plumbing.runtime import Progress, StopSignals, lock_out_dir, pick_device, save_checkpoint
+from plumbing.runtime import Progress, StopSignals, exit_on_error, lock_out_dir, pick_device, save_checkpoint
 
 inputs = importlib.import_module("01_input_block")
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     args = lora_cli.build_parser(list(TARGETS), LoRAConfig.rank, LoRAConfig.alpha, DEFAULT_MAX_ITERS,
                                  DEFAULT_LLAMA_SEQ_LEN).parse_args(argv)
-    with lora_cli.exit_on_error():
+    with exit_on_error():
         mode = lora_cli.choose_mode(args)
         if mode == "demo":
             demo(args.fig_dir)

@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     ends in one line `error: ...`; Ctrl-C and SIGTERM end with the exit status of the signal."""
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
-    try:
+    with runtime.exit_on_error():
         if args.plot_attention and not args.sample:
             raise ValueError("--plot-attention draws a trained model: use it with --sample, after training")
         if args.sample:
@@ -711,12 +711,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             with runtime.training_process(args.device, args.out_dir) as (rank, world_size, device):
                 train(args, rank, world_size, device, t_start)
-    except runtime.Stopped as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (OSError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
 
 
 def build_parser() -> argparse.ArgumentParser:

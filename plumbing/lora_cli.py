@@ -4,9 +4,6 @@ a problem ends (one `error:` line, or the exit status of a signal). Nothing here
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,17 +142,3 @@ def interrupted(signum: int, step: int, args: argparse.Namespace) -> Stopped:
     print(f"\ninterrupted at step {step}: adapter saved to {args.out_dir / 'adapter.pt'}.\ncontinue with: "
           f"python 06_lora_finetuning.py {flags} --resume --out-dir {args.out_dir}")
     return Stopped(signum)
-
-
-@contextmanager
-def exit_on_error() -> Iterator[None]:
-    """Every problem ends the process with one line `error: ...` (exit status 1), never a traceback; Ctrl-C and
-    SIGTERM end it with the exit status of the signal (130, 143)."""
-    try:
-        yield
-    except Stopped as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (OSError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")

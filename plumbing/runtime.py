@@ -9,6 +9,7 @@
 - `setup_distributed`, `all_ranks_max`, `gather_from_ranks`, `wait_for_all_ranks`, `collective_errors`,
   `teardown_distributed`:
   the few torch.distributed calls that DistributedDataParallel training needs under torchrun.
+- `exit_on_error`: every problem ends in one line `error: ...`, a signal in its exit status.
 - `pick_device`: --device auto, cpu, cuda or mps.
 - `save_checkpoint`: an atomic write, so that a killed run never leaves half a checkpoint.
 """
@@ -255,6 +256,20 @@ def interrupted(signum: int, step: int, ckpt_path: Path, world_size: int, data: 
         f"continue with: {launcher} --resume --out-dir {ckpt_path.parent}" + (f" --data {data}" if data else ""))
     wait_for_all_ranks()
     return stopped
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Every problem ends the process with one line `error: ...` (exit status 1), never a traceback; Ctrl-C and
+    SIGTERM end it with the exit status of the signal (130, 143)."""
+    try:
+        yield
+    except Stopped as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (OSError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
 
 
 def pick_device(choice: str) -> str:
