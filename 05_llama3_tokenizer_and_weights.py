@@ -212,6 +212,16 @@ def hf_to_meta_name(name: str) -> str:
     return name
 
 
+def meta_to_hf_name(name: str) -> str:
+    """The inverse of hf_to_meta_name: 'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    meta_names = {meta: hf for hf, meta in HF_NAMES.items()}
+    if name in meta_names:
+        return meta_names[name]
+    _, i, *layer_name, _ = name.split(".")  # layers.{i}.attention.wq.weight, layers.{i}.ffn_norm.weight
+    hf_layer_names = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
+    return f"model.layers.{i}.{hf_layer_names['.'.join(layer_name)]}.weight"
+
+
 def unpermute_hf(w: torch.Tensor, n_heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Undo Hugging Face's row order in wq or wk: within each head, its rows (i, head_dim/2 + i) become
     Meta's adjacent rows (2i, 2i + 1), the pair that RoPE rotates together. One copy, in `dtype` if given.
@@ -222,6 +232,17 @@ def unpermute_hf(w: torch.Tensor, n_heads: int, dtype: torch.dtype | None = None
     pairs = w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2)  # (n_heads, head_dim/2, 2, dim), a view
     out = torch.empty(pairs.shape, dtype=dtype or w.dtype, device=w.device)
     return out.copy_(pairs).view(rows, dim)  # reordered (and converted) in one copy
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What Hugging Face's conversion script does to Meta's wq and wk, or to any matrix whose rows are theirs
+    (LoRA's B, chapter 6): within each head, rows (2i, 2i + 1) become rows (i, head_dim/2 + i). unpermute_hf
+    undoes it.
+
+    (n_heads * head_dim, cols) -> (n_heads * head_dim, cols)
+    """
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def meta_rope_scaling_factor(model_args: ModelArgs) -> float:
@@ -431,12 +452,6 @@ TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_s
                "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
 
 
-def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """What Hugging Face's conversion script does to Meta's wq and wk (unpermute_hf undoes it)."""
-    rows, dim = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
-
 def random_llama(params: dict, std: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights with Meta's names and shapes for `params` (params.json's keys): matrices of normal
     numbers of this std, norm gains 1, and output.weight the embedding tensor itself, as in Meta's 1B and 3B files."""
@@ -458,16 +473,14 @@ def write_both_layouts(root: Path, weights: dict[str, torch.Tensor], params: dic
     (meta / "params.json").write_text(json.dumps(params))
     torch.save(weights, meta / "consolidated.00.pth")
 
-    to_hf = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"} | {
-        f"layers.{i}.{meta_name}.weight": f"model.layers.{i}.{hf_name}.weight"
-        for i in range(params["n_layers"]) for hf_name, meta_name in HF_LAYER_NAMES.items()}
     tied = weights["output.weight"] is weights["tok_embeddings.weight"]
-    hf_weights = {} if tied else {"lm_head.weight": weights["output.weight"]}
-    for name, hf_name in to_hf.items():
-        w = weights[name]
+    hf_weights = {}
+    for name, w in weights.items():
+        if name == "output.weight" and tied:
+            continue  # Hugging Face's file leaves a tied lm_head out
         if name.endswith(("wq.weight", "wk.weight")):
             w = permute_for_hf(w, params["n_heads"] if ".wq." in name else params["n_kv_heads"])
-        hf_weights[hf_name] = w.contiguous()
+        hf_weights[meta_to_hf_name(name)] = w.contiguous()
     save_file(hf_weights, hf / "model.safetensors")
     factor = meta_rope_scaling_factor(ModelArgs(**params))
     rope = {"rope_type": "llama3", "rope_theta": params["rope_theta"], "factor": factor, "low_freq_factor": 1.0,

@@ -223,16 +223,6 @@ def apply_adapter(model: Transformer, adapter: dict, source: str) -> LoRAConfig:
     return lora_cfg
 
 
-def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of chapter 5's unpermute_hf: Meta's row order in wq or wk (or in B, whose rows are
-    W's rows) -> Hugging Face's. Within each head, rows (2i, 2i + 1) become rows (i, head_dim/2 + i).
-
-    (n_heads * head_dim, cols) -> (n_heads * head_dim, cols)
-    """
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]:
     """Write the model's LoRA matrices as peft saves a LoRA adapter of transformers' LlamaForCausalLM:
     adapter_config.json and adapter_model.safetensors, with Hugging Face's names and q/k row order.
@@ -242,17 +232,16 @@ def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]
     """
     from safetensors.torch import save_file
 
-    meta_to_hf = {meta: hf for hf, meta in llama.HF_LAYER_NAMES.items()}  # "attention.wq" -> "self_attn.q_proj"
     heads = {"wq": model.params.n_heads, "wk": model.params.n_kv_heads or model.params.n_heads}
     tensors, targets = {}, set()
     for name, module in lora_modules(model).items():  # "layers.3.attention.wq"
-        _, i, block, proj = name.split(".")
-        hf_name = meta_to_hf[f"{block}.{proj}"]  # "self_attn.q_proj"
+        hf_name = llama.meta_to_hf_name(f"{name}.weight").removesuffix(".weight")  # "model.layers.3.self_attn.q_proj"
         lora_B = module.lora_B.detach()  # (out, r): its rows are W's rows, in Meta's order
+        proj = name.split(".")[-1]
         if proj in heads:
-            lora_B = permute_meta_to_hf(lora_B, heads[proj])
-        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_A.weight"] = module.lora_A.detach().contiguous()
-        tensors[f"base_model.model.model.layers.{i}.{hf_name}.lora_B.weight"] = lora_B.contiguous()
+            lora_B = llama.permute_for_hf(lora_B, heads[proj])
+        tensors[f"base_model.model.{hf_name}.lora_A.weight"] = module.lora_A.detach().contiguous()
+        tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_B.contiguous()
         targets.add(hf_name.split(".")[-1])
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
               "r": module.rank, "lora_alpha": module.alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
@@ -473,8 +462,7 @@ def use_adapter(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- the demo and its figure
 
 # params.json of Llama 3.2 1B, for the figure's counts (built on the meta device: shapes, no memory).
-LLAMA_32_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                        ffn_dim_multiplier=1.5)
+LLAMA_32_1B = ModelArgs(**llama.LLAMA_32_PARAMS["1B"])
 DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
                    "04_feedforward_and_transformer_block.py"]
 

@@ -87,22 +87,18 @@ def peft_model_of(model: main.Transformer) -> nn.Module:
         rms_norm_eps=args.norm_eps, max_position_embeddings=131072, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    meta_to_hf = {meta: hf for hf, meta in llama.HF_LAYER_NAMES.items()}
     heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
-    state_dict = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-                  "lm_head.weight": model.tok_embeddings.weight}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("layers."):  # layers.{i}.attention.wq.weight -> model.layers.{i}.self_attn.q_proj.weight
-            _, i, *module, _ = name.split(".")
-            if module[-1] in heads:
-                tensor = lora.permute_meta_to_hf(tensor, heads[module[-1]])
-            state_dict[f"model.layers.{i}.{meta_to_hf['.'.join(module)]}.weight"] = tensor
+    state_dict = {}
+    for name, tensor in model.state_dict().items():  # Meta's names and row order -> Hugging Face's
+        proj = name.split(".")[-2]
+        state_dict[llama.meta_to_hf_name(name)] = llama.permute_for_hf(tensor, heads[proj]) if proj in heads else tensor
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
     hf_model.load_state_dict(state_dict, strict=True, assign=True)
     hf_model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its frequencies are a buffer outside the state dict
     hf_model.tie_weights()
-    targets = [meta_to_hf[f"{lora.TARGETS[t]}.{t}"].split(".")[-1] for t in lora.TARGETS]
+    targets = [llama.meta_to_hf_name(f"layers.0.{block}.{t}.weight").split(".")[-2]  # "q_proj", ...
+               for t, block in lora.TARGETS.items()]
     return get_peft_model(hf_model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli_error
 from llama_checkpoints import (
     hf_config,
     hf_reference,
@@ -609,10 +610,7 @@ def test_the_demo_runs_without_llama_models(monkeypatch, tmp_path, capsys):
 
 def bad_dir_error(path: Path, capsys, *flags: str) -> str:
     """Run the CLI on `path` and return its one error line."""
-    with pytest.raises(SystemExit) as exit_info:
-        llama.main(["--llama-dir", str(path), "--max-new-tokens", "1", *flags])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = cli_error(["--llama-dir", path, "--max-new-tokens", "1", *flags], llama.main)
     assert "Traceback" not in capsys.readouterr().err
     return message
 
