@@ -28,7 +28,7 @@ trims each message, and from Llama 3.1 on it always opens with a system turn tha
 A conversation keeps its KV cache across turns: each turn feeds only its new tokens at the running
 position (Meta's `forward(tokens, start_pos)`).
 
-Needs: main.py (Transformer, sample_top_p), and through it chapters 1-4.
+Needs: main.py (Transformer, sample_next), and through it chapters 1-4.
 Run:   python 05_llama3_tokenizer_and_weights.py               # demo on a tiny random model, no download
        python 05_llama3_tokenizer_and_weights.py --llama-dir DIR --prompt "The capital of France is"
        python 05_llama3_tokenizer_and_weights.py --llama-dir DIR --chat    # one user turn per line of stdin
@@ -54,10 +54,10 @@ import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
-from main import ModelArgs, Transformer, sample_top_p
+from main import ModelArgs, Transformer, sample_next
 from plumbing import llama_files
-from plumbing.chat import build_parser, cpu_matrix_vector_kernel, print_tokens, read_user_turns
-from plumbing.runtime import exit_on_error, pick_device
+from plumbing.chat import build_parser, print_tokens, read_user_turns
+from plumbing.runtime import cpu_matrix_vector_kernel, exit_on_error, pick_device
 
 # ----------------------------------------------------------------------------- Llama 3's tokenizer
 
@@ -392,18 +392,11 @@ class Conversation:
             with cpu_matrix_vector_kernel(new.shape[1]):  # one token: a faster kernel on a CPU
                 logits, _ = self.model(new, start_pos=self.pos)  # (1, seqlen, vocab_size)
             self.pos = len(self.tokens)
-            token = self.sample(logits[0, -1])
+            token = int(sample_next(logits[:, -1], self.temperature, self.top_p, self.generator))  # main.py's rule
             self.tokens.append(token)
             yield token
             if token in self.tokenizer.stop_ids:
                 return
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """temperature 0: the most likely token; else top-p sampling (chapter main.py) of softmax(logits / T)."""
-        if self.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1)  # (vocab_size,)
-        return int(sample_top_p(probs[None].cpu(), self.top_p, self.generator))
 
     def reply(self, message: str, max_new_tokens: int) -> Iterator[int]:
         """The user's next turn, then the assistant's answer (Meta's chat format).

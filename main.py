@@ -622,6 +622,16 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, te
     return tokenizer.decode(list(new_tokens))
 
 
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token from the last position's logits (bsz, vocab_size): the most likely one at temperature 0,
+    else top-p sampling of softmax(logits / temperature). Returns (bsz, 1) token ids, on the logits' device."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return sample_top_p(probs.cpu(), top_p, generator).to(logits.device)
+
+
 @torch.no_grad()
 def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, stop_ids: set[int],
                     temperature: float = 0.8, top_p: float = 0.9,
@@ -657,12 +667,7 @@ def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, 
             if context is not None:  # (re)fill the cache with the whole context
                 logits, _ = model(torch.tensor([context], device=device), start_pos=0)
                 pos, context = len(context), None
-            logits = logits[:, -1]  # (1, vocab_size)
-            if temperature == 0:
-                next_token = torch.argmax(logits, dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                next_token = sample_top_p(probs.cpu(), top_p, generator).to(device)
+            next_token = sample_next(logits[:, -1], temperature, top_p, generator)  # (1, 1)
             token = next_token.item()
             if token in stop_ids:
                 break
@@ -673,7 +678,8 @@ def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, 
             if pos == max_seq_len:  # cache full: slide the window
                 context = [tokens[0], *(tokens[1:] + new_tokens)[-(max_seq_len // 2) :]]
             else:
-                logits, _ = model(next_token.view(1, 1), start_pos=pos)
+                with runtime.cpu_matrix_vector_kernel(seqlen=1):
+                    logits, _ = model(next_token.view(1, 1), start_pos=pos)
                 pos += 1
     finally:
         model.train(was_training)

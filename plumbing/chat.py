@@ -1,5 +1,5 @@
 """Chapter 5's command line, kept out of the chapter: its flags and help, the answer printed as it comes,
-the user's turns read from stdin, and the choice of a CPU kernel for one-token steps.
+and the user's turns read from stdin.
 """
 
 from __future__ import annotations
@@ -8,10 +8,7 @@ import argparse
 import codecs
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from plumbing.validators import context_length, non_negative_int, seed_type, temperature_type, top_p_type
 
@@ -82,19 +79,3 @@ def read_user_turns() -> Iterator[str]:
         if not interactive:
             print(f"> {message}")
         yield message
-
-
-@contextmanager
-def cpu_matrix_vector_kernel(seqlen: int) -> Iterator[None]:
-    """For a chunk of one token, PyTorch's own kernels instead of oneDNN's on the CPU.
-
-    One token multiplies each weight matrix by a vector. For that, PyTorch's own bfloat16 kernel reads the
-    weights about 1.7 times as fast as oneDNN's matrix kernel on an AMD EPYC (docs/llama3.md), while for a
-    chunk of several tokens oneDNN's is the faster by far. Float32 matrices use neither (MKL), and a GPU neither.
-    """
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled and seqlen > 1
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled

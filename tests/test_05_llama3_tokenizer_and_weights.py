@@ -589,7 +589,7 @@ def test_cli_stops_at_a_stop_token(checkpoints, monkeypatch, capsys, stop):
 def test_cli_prints_a_character_split_over_two_tokens_whole(checkpoints, monkeypatch, capsys):
     """"🙂" is four bytes, so four tokens of the byte tokenizer; none may be printed alone (as "\ufffd")."""
     script = iter("🙂".encode())
-    monkeypatch.setattr(llama.Conversation, "sample", lambda self, logits: next(script))
+    monkeypatch.setattr(llama, "sample_next", lambda *args: torch.tensor([[next(script)]]))
     llama.main(["--llama-dir", str(checkpoints["meta_theta10k_tied"][0]), "--prompt", "Hi",
                "--max-new-tokens", "4", "--seq-len", "16"])
     assert capsys.readouterr().out == "Hi🙂\n"

@@ -552,6 +552,22 @@ def test_generation_runs_no_forward_pass_after_its_last_token(max_new_tokens):
     assert len(calls) == max_new_tokens  # 1 for the prompt + (max_new_tokens - 1), or none at all
 
 
+def test_one_token_steps_use_the_cpu_matrix_vector_kernel():
+    """oneDNN is off for the one-token steps (PyTorch's own kernel reads a matrix faster for one vector, chapter 5),
+    on for the prompt's chunk, and on again afterwards."""
+    model = make_model(50)
+    seen, forward = [], model.forward
+
+    def spy(tokens, *args, **kwargs):
+        seen.append((tokens.shape[1], torch.backends.mkldnn.enabled))
+        return forward(tokens, *args, **kwargs)
+
+    model.forward = spy
+    list(main.generate_tokens(model, [1, 2, 3], 4, stop_ids=set(), temperature=0))
+    assert seen == [(3, True), (1, False), (1, False), (1, False)]
+    assert torch.backends.mkldnn.enabled
+
+
 def test_prompt_with_unknown_characters_is_a_value_error(tokenizer):
     model = make_model(tokenizer.vocab_size)
     with pytest.raises(ValueError, match="Ω"):
