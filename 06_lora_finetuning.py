@@ -58,7 +58,6 @@ from main import (
     ModelArgs,
     TrainConfig,
     Transformer,
-    check_prompt,
     configure_optimizer,
     estimate_loss,
     generate,
@@ -71,6 +70,7 @@ from plumbing import lora_cli
 from plumbing.lora_cli import load_adapter
 from plumbing.reports import write_metrics
 from plumbing.runtime import Progress, StopSignals, exit_on_error, lock_out_dir, pick_device, save_checkpoint
+from plumbing.validators import check_prompt
 
 inputs = importlib.import_module("01_input_block")
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")

@@ -39,13 +39,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import cli, runtime
 from plumbing.checkpoint import check_resumable, read_checkpoint, restore_training, training_checkpoint
-from plumbing.reports import draw_attention, write_loss_log, write_metrics
+from plumbing.reports import draw_attention, report_run
+from plumbing.validators import check_long_enough, check_prompt, check_vocabulary
 
 inputs = importlib.import_module("01_input_block")
 rope = importlib.import_module("02_normalization_and_rope")
 attention = importlib.import_module("03_attention")
 blocks = importlib.import_module("04_feedforward_and_transformer_block")
-
 
 
 # ----------------------------------------------------------------------------- model
@@ -427,9 +427,13 @@ class Run:
     out_dir: Path
 
     @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]  # "cuda:1" -> "cuda"
+
+    @property
     def autocast(self) -> torch.autocast | nullcontext:
         bf16 = self.dtype == "bfloat16"
-        return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     @property
     def tokens_per_step(self) -> int:
@@ -514,14 +518,12 @@ def load_data(args: argparse.Namespace, seq_len: int, checkpoint: dict | None) -
     being resumed, the prompt and the context length. Returns (tokenizer, train_data, val_data)."""
     text = inputs.load_text(args.data)
     tokenizer = inputs.CharTokenizer.from_text(text)
-    if checkpoint is not None and tokenizer.chars != checkpoint["tokenizer"]["chars"]:
-        raise ValueError(f"--data gives a different vocabulary than {args.out_dir / 'ckpt.pt'} was trained on; "
-                         f"use the same --data, or train a new model in another --out-dir")
+    if checkpoint is not None:
+        check_vocabulary(tokenizer.chars, checkpoint, args.out_dir / "ckpt.pt",
+                         "use the same --data, or train a new model in another --out-dir")
     check_prompt(tokenizer, args.prompt)  # now, not after training
     train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(text), dtype=np.int64))
-    if len(val_data) <= seq_len:
-        raise ValueError(f"--data has {len(text):,} characters: too short for --seq-len {seq_len} "
-                         f"(its last 10% must hold one window); give a longer file or a smaller --seq-len")
+    check_long_enough(text, len(val_data), seq_len)
     return tokenizer, train_data, val_data
 
 
@@ -550,7 +552,7 @@ def save(run: Run, best: bool = False) -> None:
     data_states = runtime.gather_from_ranks(run.state.data_gen.get_state())
     if run.rank == 0:
         checkpoint = training_checkpoint(run.raw_model, run.optimizers, asdict(run.model_args), asdict(run.cfg),
-                                         run.tokenizer.to_dict(), run.state, data_states, run.device.split(":")[0])
+                                         run.tokenizer.to_dict(), run.state, data_states, run.device_type)
         runtime.save_checkpoint(run.out_dir / "ckpt.pt", checkpoint)
         if best:
             runtime.save_checkpoint(run.out_dir / "best.pt", checkpoint)
@@ -563,7 +565,7 @@ def diverged(run: Run, loss: float) -> FloatingPointError:
 
 def finish(run: Run, args: argparse.Namespace, progress: runtime.Progress, t_start: float) -> None:
     """After the last step: a last evaluation and save; then rank 0 measures the loss over the whole val split,
-    writes loss.csv, loss.png and metrics.json, and prints a sample."""
+    samples from the model, and reports (loss.csv, loss.png, metrics.json)."""
     if run.state.step != run.state.last_eval:
         evaluate_and_save(run, progress)
     else:
@@ -572,19 +574,10 @@ def finish(run: Run, args: argparse.Namespace, progress: runtime.Progress, t_sta
         return
     final_val = evaluate_split(run.raw_model, run.val_data, run.model_args.max_seq_len, run.tokenizer.bos_id,
                                run.cfg.batch_size, run.device, run.autocast)
-    write_loss_log(run.state.loss_log, lambda step: learning_rates(step, run.optimizers, run.cfg), run.out_dir)
-    print(f"final val loss (whole val split) {final_val:.4f}; {progress.tokens_per_s():,.0f} train tokens/s")
-    print(f"wrote {run.out_dir / 'ckpt.pt'}, {run.out_dir / 'loss.csv'}, {run.out_dir / 'loss.png'}")
     sample = generate(run.raw_model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                       torch.Generator().manual_seed(run.cfg.seed))
-    print(f"\n--- sample (temperature {args.temperature}, top-p {args.top_p}) ---\n{args.prompt}{sample}")
-    metrics = {"final_val_loss": final_val, "final_train_loss": run.state.loss_log[-1]["train_loss"],
-               "train_tokens_per_s": progress.tokens_per_s(), "wall_s": time.perf_counter() - t_start,
-               "params": sum(p.numel() for p in run.raw_model.parameters()), "iters": run.state.step,
-               "device": run.device, "dtype": run.dtype}
-    if run.device.startswith("cuda"):
-        metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    write_metrics(run.out_dir / "metrics.json", metrics)
+    report_run(run, final_val, sample, args, progress.tokens_per_s(), t_start,
+               lr_at=lambda step: learning_rates(step, run.optimizers, run.cfg))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -748,22 +741,14 @@ def model_from_checkpoint(checkpoint: dict) -> Transformer:
     return model
 
 
-def check_prompt(tokenizer, prompt: str) -> None:
-    """Raise ValueError naming --prompt and its characters outside the vocabulary."""
-    try:
-        tokenizer.encode(prompt)
-    except ValueError as e:
-        raise ValueError(f"--prompt {prompt!r}: {e}") from e
-
-
 def sample_only(args: argparse.Namespace) -> None:
     """--sample: load out-dir/ckpt.pt (or best.pt with --best) and generate, without training."""
     ckpt_path = args.out_dir / ("best.pt" if args.best else "ckpt.pt")
     checkpoint = load_checkpoint(ckpt_path)
     tokenizer = inputs.CharTokenizer.from_dict(checkpoint["tokenizer"])
-    if args.data is not None and inputs.CharTokenizer.from_text(inputs.load_text(args.data)).chars != tokenizer.chars:
-        raise ValueError(f"--data gives a different vocabulary than {ckpt_path} was trained on; "
-                         f"drop --data, or give the file it was trained on")
+    if args.data is not None:
+        check_vocabulary(inputs.CharTokenizer.from_text(inputs.load_text(args.data)).chars, checkpoint, ckpt_path,
+                         "drop --data, or give the file it was trained on")
     check_prompt(tokenizer, args.prompt)
     device = runtime.pick_device(args.device)
     print(f"device {device}", file=sys.stderr)

@@ -4,6 +4,7 @@ LLaMA: the numbers come from main.py."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,23 @@ def write_loss_log(log: list[dict], lr_at: Callable[[int], dict[str, float]], ou
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=90)
     plt.close(fig)
+
+
+def report_run(run, final_val: float, sample: str, args, tokens_per_s: float, t_start: float,
+               lr_at: Callable[[int], dict[str, float]]) -> None:
+    """The end of a training run on rank 0: loss.csv and loss.png, the final figures and the sample on stdout,
+    then metrics.json. run: main.Run; args: main.py's flags (the sample's prompt and settings)."""
+    write_loss_log(run.state.loss_log, lr_at, run.out_dir)
+    print(f"final val loss (whole val split) {final_val:.4f}; {tokens_per_s:,.0f} train tokens/s")
+    print(f"wrote {run.out_dir / 'ckpt.pt'}, {run.out_dir / 'loss.csv'}, {run.out_dir / 'loss.png'}")
+    print(f"\n--- sample (temperature {args.temperature}, top-p {args.top_p}) ---\n{args.prompt}{sample}")
+    metrics = {"final_val_loss": final_val, "final_train_loss": run.state.loss_log[-1]["train_loss"],
+               "train_tokens_per_s": tokens_per_s, "wall_s": time.perf_counter() - t_start,
+               "params": sum(p.numel() for p in run.raw_model.parameters()), "iters": run.state.step,
+               "device": run.device, "dtype": run.dtype}
+    if run.device_type == "cuda":
+        metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    write_metrics(run.out_dir / "metrics.json", metrics)
 
 
 def write_metrics(path: Path, metrics: dict) -> None:

@@ -1,9 +1,12 @@
-"""argparse `type=` functions: each turns a string into a value or refuses it with a one-line reason."""
+"""Checks of what a user types: argparse `type=` functions, each turning a string into a value or refusing it
+with a one-line reason, then checks of what the flags point at (a prompt, a corpus, a checkpoint's vocabulary),
+each raising ValueError with a one-line reason that names the flag."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def positive_int(s: str) -> int:
@@ -67,3 +70,24 @@ def resume_type(s: str) -> str:
     if s != "auto":
         raise argparse.ArgumentTypeError(f"takes no value or 'auto', got {s!r}")
     return s
+
+
+def check_prompt(tokenizer, prompt: str) -> None:
+    """--prompt must be encodable: a character tokenizer knows only its training text's characters."""
+    try:
+        tokenizer.encode(prompt)
+    except ValueError as e:
+        raise ValueError(f"--prompt {prompt!r}: {e}") from e
+
+
+def check_vocabulary(chars: list[str], checkpoint: dict, path: Path, advice: str) -> None:
+    """--data must give the vocabulary that the checkpoint at `path` was trained on."""
+    if chars != checkpoint["tokenizer"]["chars"]:
+        raise ValueError(f"--data gives a different vocabulary than {path} was trained on; {advice}")
+
+
+def check_long_enough(text: str, val_tokens: int, seq_len: int) -> None:
+    """The validation split (the last 10% of --data) must hold one window of --seq-len tokens."""
+    if val_tokens <= seq_len:
+        raise ValueError(f"--data has {len(text):,} characters: too short for --seq-len {seq_len} "
+                         f"(its last 10% must hold one window); give a longer file or a smaller --seq-len")
