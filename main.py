@@ -9,8 +9,8 @@ Read it in order: the model (Meta's `Transformer`); the recipe (`TrainConfig`, a
 not Meta's); the learning rate and the optimizers (AdamW, and Muon for the matrices inside the blocks);
 one training step and the evaluation; the training loop; generation (temperature and top-p sampling
 through the KV cache); the entry points. What a run needs from the command line, the operating system
-and a cluster (flags, signals, the out-dir lock, progress lines, checkpoint contents, torch.distributed,
-the loss plot) lives in plumbing/, out of the way.
+and a cluster (flags and their checks, signals, the out-dir lock, progress lines, checkpoint contents,
+torch.distributed, the loss plot and the end-of-run report) lives in plumbing/, out of the way.
 
 Needs: chapters 1-4.
 Run:   python main.py                      # train the default CPU model, then sample
@@ -604,7 +604,8 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
 
 def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
              top_p: float = 0.9, generator: torch.Generator | None = None) -> str:
-    """Continue `prompt` by up to max_new_tokens characters and return only the new text.
+    """Continue `prompt` by up to max_new_tokens tokens (characters, with chapter 1's tokenizer) and return only
+    the new text.
     The context opens with <|begin_of_text|>, like every training window. Stops early at <|end_of_text|>.
 
     Raises:
