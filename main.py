@@ -1,22 +1,17 @@
-"""LLaMA 3 from scratch: assemble the chapters, train on Tiny Shakespeare, and sample.
+"""LLaMA 3 from scratch: assemble chapters 1-4, train on Tiny Shakespeare, and sample.
 
     tokens (bsz, seqlen)
       -> tok_embeddings                         (bsz, seqlen, dim)
       -> n_layers x TransformerBlock            (chapter 4, using chapters 2 and 3)
       -> norm (RMSNorm) -> output (Linear)      (bsz, seqlen, vocab_size) logits
 
-Read it in order: the model (Meta's `Transformer`); the recipe (`TrainConfig`, and what in it is ours,
-not Meta's); the learning rate and the optimizers (AdamW, and Muon for the matrices inside the blocks);
-one training step and the evaluation; the training loop; generation (temperature and top-p sampling
-through the KV cache); the entry points. What a run needs from the command line, the operating system
-and a cluster (flags and their checks, signals, the out-dir lock, progress lines, checkpoint contents,
-torch.distributed, the loss plot and the end-of-run report) lives in plumbing/, out of the way.
+Read in order: the model (Meta's `Transformer`); the recipe and what in it is ours; the learning rate and the
+optimizers; one step and the evaluation; the training loop; generation; the entry points. Flags, signals, the
+out-dir lock, progress lines, checkpoint contents, torch.distributed and the reports live in plumbing/.
 
-Needs: chapters 1-4.
 Run:   python main.py                      # train the default CPU model, then sample
        python main.py --sample --prompt "ROMEO:"
        python main.py --help               # every flag
-Importing this module runs nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +33,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from plumbing import cli, runtime
-from plumbing.checkpoint import check_resumable, read_checkpoint, restore_training, training_checkpoint
-from plumbing.reports import draw_attention, report_run
-from plumbing.validators import check_long_enough, check_prompt, check_vocabulary
+from plumbing.checkpoint import checkpoint_to_resume, read_checkpoint, restore_run, save_run
+from plumbing.reports import draw_attention, report_run, report_start
+from plumbing.validators import check_long_enough, check_prompt, check_sampling, check_vocabulary
 
 inputs = importlib.import_module("01_input_block")
 rope = importlib.import_module("02_normalization_and_rope")
@@ -100,17 +95,14 @@ class Transformer(nn.Module):
                                                        params.rope_theta, params.use_scaled_rope,
                                                        params.rope_scaling_factor)
 
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: the projections that write into the residual stream get a smaller
-        # std, so the stream's variance does not grow with depth.
+        # GPT-2's initialization: N(0, 0.02) for every matrix, then a smaller std for the projections that
+        # write into the residual stream, so that the stream's variance does not grow with depth.
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * params.n_layers))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int | None = None
@@ -199,20 +191,11 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 
 # ----------------------------------------------------------------------------- learning rate and optimizers
 
-# Muon (MomentUm Orthogonalized by Newton-Schulz) keeps SGD's momentum, then orthogonalizes each matrix's
-# update: a plain gradient step is dominated by a few large directions; the orthogonalized one moves every
-# direction of the matrix by the same amount, so rarely used directions learn too.
-
 
 def get_lr(step: int, cfg: TrainConfig, peak_lr: float | None = None) -> float:
-    """The learning rate at `step`: a linear warmup to the peak, then cosine (a cosine down to the floor at
-    lr_decay_iters) or wsd (flat at the peak, then a straight line down to the floor over the last cooldown_frac
-    of lr_decay_iters: the flat stretch explores, the short decay settles). The floor after that.
-
-    Args:
-        peak_lr: the optimizer's peak; default cfg.learning_rate (AdamW's). The floor is min_lr scaled by
-            peak_lr / learning_rate, so Muon and AdamW follow the same shape from their own peaks.
-    """
+    """The learning rate at `step` of an optimizer whose peak is peak_lr (default: AdamW's learning_rate): a linear
+    warmup, then cosine (down to the floor at lr_decay_iters) or wsd (flat: it explores; then a straight line down
+    over the last cooldown_frac of lr_decay_iters: it settles), then the floor, min_lr * peak_lr / learning_rate."""
     peak = cfg.learning_rate if peak_lr is None else peak_lr
     floor = cfg.min_lr * peak / cfg.learning_rate
     decay_iters = cfg.lr_decay_iters
@@ -229,17 +212,9 @@ def get_lr(step: int, cfg: TrainConfig, peak_lr: float | None = None) -> float:
 
 
 def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Orthogonalize each matrix of the stack g approximately: for g = U S V^T, about U V^T (singular
-    values pushed towards 1).
-
-    Each step maps x to a x + b (x x^T) x + c (x x^T)^2 x, an odd polynomial of the singular values;
-    Keller Jordan tuned (a, b, c) to pull small ones up fast (they end between about 0.7 and 1.2).
-
-    Args:
-        g: (n_matrices, rows, cols)
-    Returns:
-        (n_matrices, rows, cols), in `dtype`.
-    """
+    """Orthogonalize each matrix of the stack g (n_matrices, rows, cols) approximately: for g = U S V^T, about
+    U V^T, in `dtype`. Each step maps x to a x + b (x x^T) x + c (x x^T)^2 x, an odd polynomial of the singular
+    values; Keller Jordan tuned (a, b, c) to pull small ones up fast (they end between about 0.7 and 1.2)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(dtype)
     tall = g.size(1) > g.size(2)
@@ -253,10 +228,13 @@ def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: floa
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon, computed as torch.optim.Muon computes it: Nesterov momentum, 5 Newton-Schulz steps, updates
-    scaled by sqrt(max(1, rows / cols)), decoupled weight decay. One difference: the Newton-Schulz products run
-    in `ns_dtype` (torch.optim.Muon always uses bfloat16, which a CPU without bf16 instructions emulates slowly).
-    """
+    """Muon (MomentUm Orthogonalized by Newton-Schulz) keeps SGD's momentum, then orthogonalizes each matrix's
+    update: a plain gradient step is dominated by a few large directions; the orthogonalized one moves every
+    direction of the matrix by the same amount, so rarely used directions learn too.
+
+    Computed as torch.optim.Muon computes it (Nesterov momentum, 5 Newton-Schulz steps, updates scaled by
+    sqrt(max(1, rows / cols)), decoupled weight decay), except that the Newton-Schulz products run in `ns_dtype`:
+    torch.optim.Muon always uses bfloat16, which a CPU without bf16 instructions emulates slowly."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95,
                  ns_dtype: torch.dtype = torch.bfloat16):
@@ -285,6 +263,7 @@ class Muon(torch.optim.Optimizer):
                 updates = newton_schulz(torch.stack(nesterov), self.ns_dtype)
                 for p, update in zip(params, updates, strict=True):
                     p.mul_(1 - lr * weight_decay)
+                    # scaled as in Keller Jordan's Muon: a tall w1 moves as much per output as a square wq
                     p.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
 
 
@@ -310,8 +289,6 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) ->
         torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                           fused=device_type in ("cpu", "cuda"))]
     if muon:
-        # Updates are scaled as in Keller Jordan's Muon ("original" in torch.optim.Muon): by
-        # sqrt(max(1, rows / cols)), so a tall w1 moves as much per output as a square wq.
         ns_dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
         optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype))
     return optimizers
@@ -332,14 +309,9 @@ def learning_rates(step: int, optimizers: list[torch.optim.Optimizer], cfg: Trai
 
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer],
                batches: list[tuple[torch.Tensor, torch.Tensor]], lrs: list[float], grad_clip: float, autocast) -> float:
-    """One optimizer step over `batches` (gradient accumulation: the same update as one batch
-    of all of them together). Under DDP, gradients are averaged across ranks on the last one only.
-
-    Args:
-        optimizers, lrs: each optimizer and its learning rate for this step.
-    Returns:
-        the mean loss over the batches.
-    """
+    """One step of each optimizer, at its learning rate in `lrs`, over `batches` (gradient accumulation: the same
+    update as one batch of all of them together; under DDP, gradients are averaged across ranks on the last one
+    only). Returns the mean loss over the batches."""
     for optimizer, lr in zip(optimizers, lrs, strict=True):
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -471,7 +443,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: str, t_s
             state.step += 1
             progress.update(state.step, loss, lrs, seconds)
             if signum:
-                save(run)
+                save_run(run)
                 progress.close()
                 raise runtime.interrupted(signum, state.step, run.out_dir / "ckpt.pt", world_size, args.data, run.log)
     progress.close()
@@ -482,10 +454,7 @@ def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) ->
     """Everything one process needs to train: the settings, the data, the model and its optimizers, new or as
     out-dir/ckpt.pt left them (--resume)."""
     ckpt_path = args.out_dir / "ckpt.pt"
-    resume = args.resume is True or (args.resume == "auto" and ckpt_path.exists())
-    checkpoint = load_checkpoint(ckpt_path) if resume else None
-    if checkpoint is not None:
-        check_resumable(checkpoint, ckpt_path)
+    checkpoint = checkpoint_to_resume(ckpt_path, args.resume, check=model_from_checkpoint)
     model_args, cfg = resolve_configs(args, checkpoint)
     tokenizer, train_data, val_data = load_data(args, model_args.max_seq_len, checkpoint)
     model_args = replace(model_args, vocab_size=tokenizer.vocab_size)
@@ -499,17 +468,13 @@ def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) ->
     run = Run(model_args, cfg, tokenizer, train_data, val_data, raw_model, raw_model, optimizers, state, dtype,
               device, rank, world_size, args.out_dir)
     if checkpoint is not None:
-        restore_training(checkpoint, raw_model, optimizers, state, rank, world_size, device_type, run.log)
+        restore_run(checkpoint, run)
         run.log(f"resumed from {ckpt_path} at step {state.step}")
     if args.compile:
         run.model = torch.compile(raw_model)
     if world_size > 1:
         run.model = DDP(run.model, device_ids=[device] if device_type == "cuda" else None)
-    run.log(f"device {device} ({dtype}{', compiled' if args.compile else ''}), "
-            f"{sum(p.numel() for p in raw_model.parameters()):,} parameters, "
-            f"{len(train_data):,} train / {len(val_data):,} val tokens")
-    run.log(f"global batch {cfg.batch_size} x {cfg.grad_accum} accum x {world_size} ranks = "
-            f"{run.tokens_per_step:,} tokens per step; {cfg.max_iters} steps")
+    report_start(run, args.compile)
     return run
 
 
@@ -543,19 +508,7 @@ def evaluate_and_save(run: Run, progress: runtime.Progress) -> None:
                                "lr": get_lr(state.step, run.cfg), "train_loss": train_loss, "val_loss": val_loss})
         progress.write(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
     state.last_eval = state.step
-    save(run, best=improved)
-
-
-def save(run: Run, best: bool = False) -> None:
-    """Rank 0 writes out-dir/ckpt.pt (and best.pt), with every rank's batch-stream state, so that --resume is
-    exact. Every rank must call it: the gather is a collective."""
-    data_states = runtime.gather_from_ranks(run.state.data_gen.get_state())
-    if run.rank == 0:
-        checkpoint = training_checkpoint(run.raw_model, run.optimizers, asdict(run.model_args), asdict(run.cfg),
-                                         run.tokenizer.to_dict(), run.state, data_states, run.device_type)
-        runtime.save_checkpoint(run.out_dir / "ckpt.pt", checkpoint)
-        if best:
-            runtime.save_checkpoint(run.out_dir / "best.pt", checkpoint)
+    save_run(run, best=improved)
 
 
 def diverged(run: Run, loss: float) -> FloatingPointError:
@@ -569,7 +522,7 @@ def finish(run: Run, args: argparse.Namespace, progress: runtime.Progress, t_sta
     if run.state.step != run.state.last_eval:
         evaluate_and_save(run, progress)
     else:
-        save(run)
+        save_run(run)
     if run.rank != 0:
         return
     final_val = evaluate_split(run.raw_model, run.val_data, run.model_args.max_seq_len, run.tokenizer.bos_id,
@@ -587,12 +540,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     """Nucleus sampling (Meta's `sample_top_p`): keep the most likely tokens, in order, until their total
     probability exceeds p, and sample among them. A token is dropped only when the tokens before it already
     hold more than p, so the token that crosses p is kept and the set is never empty.
-
-    Args:
-        probs: (bsz, vocab_size), rows sum to 1.
-    Returns:
-        (bsz, 1) token ids.
-    """
+    probs (bsz, vocab_size), rows summing to 1 -> (bsz, 1) token ids."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p  # the mass before this token already reaches p
@@ -604,13 +552,9 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
 
 def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
              top_p: float = 0.9, generator: torch.Generator | None = None) -> str:
-    """Continue `prompt` by up to max_new_tokens tokens (characters, with chapter 1's tokenizer) and return only
-    the new text.
-    The context opens with <|begin_of_text|>, like every training window. Stops early at <|end_of_text|>.
-
-    Raises:
-        ValueError: bad arguments, or prompt characters outside the vocabulary.
-    """
+    """Continue `prompt` by up to max_new_tokens tokens (characters, with chapter 1's tokenizer); return only the
+    new text. The context opens with <|begin_of_text|>, like every training window; <|end_of_text|> stops it.
+    Raises ValueError for bad arguments, or prompt characters outside the vocabulary."""
     tokens = tokenizer.encode(prompt, bos=True)
     new_tokens = generate_tokens(model, tokens, max_new_tokens, {tokenizer.eos_id}, temperature, top_p, generator)
     return tokenizer.decode(list(new_tokens))
@@ -635,17 +579,9 @@ def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, 
     `tokens` opens with <|begin_of_text|>, as every training window does. The prompt runs through the
     model once (start_pos=0), then one token at a time through the KV cache. When the cache is full
     the window slides: BOS and the newest half of the context become a new prompt. Stops early at a
-    token in stop_ids (not yielded). temperature 0 is greedy (argmax).
-
-    Raises:
-        ValueError: bad arguments.
+    token in stop_ids (not yielded). temperature 0 is greedy (argmax). Raises ValueError for bad arguments.
     """
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_p, max_new_tokens)
     max_seq_len = model.params.max_seq_len
     if len(tokens) > max_seq_len:  # keep BOS and the end of the prompt
         print(f"note: the prompt is longer than the context; keeping its last {max_seq_len - 1} tokens",

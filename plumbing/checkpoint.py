@@ -14,9 +14,12 @@ Nothing here is about LLaMA. A checkpoint is one dict, saved atomically (`runtim
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from plumbing.runtime import gather_from_ranks, save_checkpoint
 
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "step"}  # enough to sample
 RESUME_KEYS = {"train_config", "optimizer", "best_val_loss", "loss_log", "rng"}  # and to go on training
@@ -49,42 +52,53 @@ def read_checkpoint(path: Path, check: Callable[[dict], object]) -> dict:
     return checkpoint
 
 
-def check_resumable(checkpoint: dict, path: Path) -> None:
-    """Raise ValueError (one line) when `checkpoint` lacks what --resume needs."""
+def checkpoint_to_resume(path: Path, resume: bool | str, check: Callable[[dict], object]) -> dict | None:
+    """The checkpoint at `path` when --resume asks for it (True, or "auto" and the file exists), read with
+    read_checkpoint and checked to hold what resuming needs (else one-line ValueError); None for a new run."""
+    if not (resume is True or (resume == "auto" and path.exists())):
+        return None
+    checkpoint = read_checkpoint(path, check)
     missing = sorted(RESUME_KEYS - checkpoint.keys())
     if missing:
         raise ValueError(f"{path} cannot be resumed: it lacks {', '.join(missing)}; sample from it with --sample, "
                          f"or train a new model in another --out-dir")
+    return checkpoint
 
 
-def training_checkpoint(raw_model: torch.nn.Module, optimizers: list, model_args: dict, train_config: dict,
-                        tokenizer: dict, state, data_states: list, device_type: str) -> dict:
-    """The dict that a save writes. state: main.RunState; data_states: every rank's batch-stream state."""
-    return {
-        "model": raw_model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
-        "model_args": model_args, "train_config": train_config, "tokenizer": tokenizer,
-        "step": state.step, "best_val_loss": state.best_val, "loss_log": state.loss_log,
+def save_run(run, best: bool = False) -> None:
+    """Rank 0 writes out-dir/ckpt.pt (and best.pt), with every rank's batch-stream state, so that --resume is
+    exact. Every rank must call it: the gather is a collective. run: main.Run."""
+    data_states = gather_from_ranks(run.state.data_gen.get_state())
+    if run.rank != 0:
+        return
+    checkpoint = {
+        "model": run.raw_model.state_dict(), "optimizer": [o.state_dict() for o in run.optimizers],
+        "model_args": asdict(run.model_args), "train_config": asdict(run.cfg), "tokenizer": run.tokenizer.to_dict(),
+        "step": run.state.step, "best_val_loss": run.state.best_val, "loss_log": run.state.loss_log,
         "rng": {"torch": torch.get_rng_state(), "data": data_states,
-                "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []},
+                "cuda": torch.cuda.get_rng_state_all() if run.device_type == "cuda" else []},
     }
+    save_checkpoint(run.out_dir / "ckpt.pt", checkpoint)
+    if best:
+        save_checkpoint(run.out_dir / "best.pt", checkpoint)
 
 
-def restore_training(checkpoint: dict, model: torch.nn.Module, optimizers: list, state, rank: int, world_size: int,
-                     device_type: str, log: Callable[[str], None]) -> None:
-    """Put the weights, optimizer states, RunState and random streams of `checkpoint` back, so that the run
-    goes on exactly as an uninterrupted one would (when it has the same number of ranks)."""
-    model.load_state_dict(checkpoint["model"])
-    for optimizer, saved in zip(optimizers, checkpoint["optimizer"], strict=True):
+def restore_run(checkpoint: dict, run) -> None:
+    """Put the weights, optimizer states, RunState and random streams of `checkpoint` back into `run` (main.Run),
+    so that it goes on exactly as an uninterrupted run would (when it has the same number of ranks)."""
+    state = run.state
+    run.raw_model.load_state_dict(checkpoint["model"])
+    for optimizer, saved in zip(run.optimizers, checkpoint["optimizer"], strict=True):
         optimizer.load_state_dict(saved)
     state.step, state.best_val, state.loss_log = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["loss_log"]
     state.last_eval = state.loss_log[-1]["step"] if state.loss_log else -1
     torch.set_rng_state(checkpoint["rng"]["torch"])
-    if device_type == "cuda" and checkpoint["rng"]["cuda"]:
+    if run.device_type == "cuda" and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     data_states = checkpoint["rng"]["data"]  # one per rank: each rank goes on with its own batches
-    if len(data_states) == world_size:
-        state.data_gen.set_state(data_states[rank])
+    if len(data_states) == run.world_size:
+        state.data_gen.set_state(data_states[run.rank])
     else:
-        state.data_gen.manual_seed(checkpoint["train_config"]["seed"] + rank + 1000003 * state.step)
-        log(f"note: the checkpoint was saved by {len(data_states)} processes and this run has {world_size}: "
-            f"every rank draws new batches, so this run will not repeat an uninterrupted one")
+        state.data_gen.manual_seed(checkpoint["train_config"]["seed"] + run.rank + 1000003 * state.step)
+        run.log(f"note: the checkpoint was saved by {len(data_states)} processes and this run has {run.world_size}: "
+                f"every rank draws new batches, so this run will not repeat an uninterrupted one")

@@ -51,6 +51,17 @@ def write_loss_log(log: list[dict], lr_at: Callable[[int], dict[str, float]], ou
     plt.close(fig)
 
 
+def report_start(run, compiled: bool) -> None:
+    """The first lines of a training run, on rank 0: the device, the model's and the data's sizes, and the global
+    batch. run: main.Run."""
+    cfg = run.cfg
+    run.log(f"device {run.device} ({run.dtype}{', compiled' if compiled else ''}), "
+            f"{sum(p.numel() for p in run.raw_model.parameters()):,} parameters, "
+            f"{len(run.train_data):,} train / {len(run.val_data):,} val tokens")
+    run.log(f"global batch {cfg.batch_size} x {cfg.grad_accum} accum x {run.world_size} ranks = "
+            f"{run.tokens_per_step:,} tokens per step; {cfg.max_iters} steps")
+
+
 def report_run(run, final_val: float, sample: str, args, tokens_per_s: float, t_start: float,
                lr_at: Callable[[int], dict[str, float]]) -> None:
     """The end of a training run on rank 0: loss.csv and loss.png, the final figures and the sample on stdout,

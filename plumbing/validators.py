@@ -91,3 +91,13 @@ def check_long_enough(text: str, val_tokens: int, seq_len: int) -> None:
     if val_tokens <= seq_len:
         raise ValueError(f"--data has {len(text):,} characters: too short for --seq-len {seq_len} "
                          f"(its last 10% must hold one window); give a longer file or a smaller --seq-len")
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Generation's settings, when a program passes them (the flags are checked by the types above)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
