@@ -68,11 +68,8 @@ class ModelArgs:
 
 
 class Transformer(nn.Module):
-    """The LLaMA 3 decoder: Meta's `Transformer`, with the same layers, maths and state-dict keys.
-
-    The weight initialization is ours, not Meta's: their reference code defines none, because it only
-    ever loads trained weights. We train from scratch, so we use GPT-2's (below), which works well at this size.
-    """
+    """The LLaMA 3 decoder: Meta's `Transformer`, with the same layers, maths and state-dict keys. The weight
+    initialization is ours (GPT-2's, below): Meta's reference code defines none, as it only loads trained weights."""
 
     def __init__(self, params: ModelArgs):
         super().__init__()

@@ -5,7 +5,7 @@ Nothing here is about LLaMA; read main.py first.
 - `validators`: argparse's type checks, and the checks of a prompt, a corpus and a checkpoint's vocabulary.
 - `runtime`: launch and teardown of a training process, signals, the out-dir lock, progress lines,
   the torch.distributed calls, the device choice and the atomic checkpoint write.
-- `checkpoint`: what a checkpoint holds, reading it safely, and resuming from it exactly.
-- `reports`: the end of a run (loss.csv, loss.png, the final lines, metrics.json) and the attention figure.
+- `checkpoint`: what a checkpoint holds, saving a run's, reading one safely, and resuming from it exactly.
+- `reports`: a run's first lines, its end (loss.csv, loss.png, the final lines, metrics.json), the attention figure.
 - `lora_cli`: chapter 6's command line: its flags, which go together, reading an adapter file, one-line errors.
 """

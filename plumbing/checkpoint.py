@@ -1,4 +1,5 @@
-"""What a training checkpoint holds, how it is read back safely, and how a run resumes from it exactly.
+"""What a training checkpoint holds, how a run saves one, how it is read back safely, and how a run resumes from
+it exactly.
 
 Nothing here is about LLaMA. A checkpoint is one dict, saved atomically (`runtime.save_checkpoint`):
 

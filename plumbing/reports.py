@@ -1,5 +1,5 @@
-"""What a run leaves behind for people: loss.csv, loss.png, metrics.json and the attention figure. Nothing about
-LLaMA: the numbers come from main.py."""
+"""What a run tells people: its first lines, and what it leaves behind: loss.csv, loss.png, metrics.json and the
+attention figure. Nothing about LLaMA: the numbers come from main.py."""
 
 from __future__ import annotations
 
