@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from plumbing.runtime import gather_from_ranks, save_checkpoint
+from plumbing.runtime import gather_from_ranks, save_checkpoint, wait_for_all_ranks
 
 REQUIRED_KEYS = {"model", "model_args", "tokenizer", "step"}  # enough to sample
 RESUME_KEYS = {"train_config", "optimizer", "best_val_loss", "loss_log", "rng"}  # and to go on training
@@ -68,20 +68,24 @@ def checkpoint_to_resume(path: Path, resume: bool | str, check: Callable[[dict],
 
 def save_run(run, best: bool = False) -> None:
     """Rank 0 writes out-dir/ckpt.pt (and best.pt), with every rank's batch-stream state, so that --resume is
-    exact. Every rank must call it: the gather is a collective. run: main.Run."""
+    exact. Every rank must call it (the gather and the barrier are collectives); all leave it together, once the
+    files are written. run: main.Run."""
     data_states = gather_from_ranks(run.state.data_gen.get_state())
-    if run.rank != 0:
-        return
-    checkpoint = {
-        "model": run.raw_model.state_dict(), "optimizer": [o.state_dict() for o in run.optimizers],
-        "model_args": asdict(run.model_args), "train_config": asdict(run.cfg), "tokenizer": run.tokenizer.to_dict(),
-        "step": run.state.step, "best_val_loss": run.state.best_val, "loss_log": run.state.loss_log,
-        "rng": {"torch": torch.get_rng_state(), "data": data_states,
-                "cuda": torch.cuda.get_rng_state_all() if run.device_type == "cuda" else []},
-    }
-    save_checkpoint(run.out_dir / "ckpt.pt", checkpoint)
-    if best:
-        save_checkpoint(run.out_dir / "best.pt", checkpoint)
+    if run.rank == 0:
+        checkpoint = {
+            "model": run.raw_model.state_dict(), "optimizer": [o.state_dict() for o in run.optimizers],
+            "model_args": asdict(run.model_args), "train_config": asdict(run.cfg),
+            "tokenizer": run.tokenizer.to_dict(),
+            "step": run.state.step, "best_val_loss": run.state.best_val, "loss_log": run.state.loss_log,
+            "rng": {"torch": torch.get_rng_state(), "data": data_states,
+                    "cuda": torch.cuda.get_rng_state_all() if run.device_type == "cuda" else []},
+        }
+        save_checkpoint(run.out_dir / "ckpt.pt", checkpoint)
+        if best:
+            save_checkpoint(run.out_dir / "best.pt", checkpoint)
+    # Ranks > 0 exit soon after their last save. While they wait here, gloo's worker thread frees the gather's
+    # tensors (it needs the GIL): freed as Python shuts down, they abort the process (SIGABRT, a few runs in 100).
+    wait_for_all_ranks()
 
 
 def restore_run(checkpoint: dict, run) -> None:

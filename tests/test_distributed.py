@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,7 +25,10 @@ import torch.multiprocessing as mp
 from conftest import assert_same_training_state
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from plumbing import checkpoint
+
 main = importlib.import_module("main")
+inputs = importlib.import_module("01_input_block")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = main.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=20, max_seq_len=16, max_batch_size=8)
@@ -80,6 +85,29 @@ def test_grad_accumulation_of_two_equals_one_batch_twice_as_large():
     assert abs(loss_a - loss_b) < 1e-5
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
+def save_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Both ranks save; rank 0's disk is slow. Rank 1 checks that the checkpoint exists when its save returns."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if rank == 0:
+        write = checkpoint.save_checkpoint
+        checkpoint.save_checkpoint = lambda path, ckpt: (time.sleep(1), write(path, ckpt))
+    model, optimizers = fresh_model_and_optimizer()
+    run = main.Run(TINY, CFG, inputs.CharTokenizer.from_text("abc"), np.zeros(1), np.zeros(1), model, model,
+                   optimizers, main.RunState(torch.Generator()), "float32", "cpu", rank, world_size, Path(out_dir))
+    checkpoint.save_run(run)
+    if rank == 1:
+        assert (Path(out_dir) / "ckpt.pt").exists(), "rank 1 left the save before rank 0 had written it"
+    dist.destroy_process_group()
+
+
+def test_every_rank_leaves_a_save_once_rank_0_has_written_it(tmp_path):
+    """Ranks > 0 exit right after their last save: if one left the save at once, gloo's thread could still be
+    freeing the gather's tensors as Python shuts down, which aborts the process (SIGABRT, a few runs in a hundred);
+    and torchrun, which ends the others when one exits, could cut rank 0's write short."""
+    mp.spawn(save_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
 
 # ----------------------------------------------------------------------------- torchrun
