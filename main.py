@@ -12,6 +12,7 @@ out-dir lock, progress lines, checkpoint contents, torch.distributed and the rep
 Run:   python main.py                      # train the default CPU model, then sample
        python main.py --sample --prompt "ROMEO:"
        python main.py --help               # every flag
+Importing this module runs nothing.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ class Transformer(nn.Module):
                                                        params.rope_theta, params.use_scaled_rope,
                                                        params.rope_scaling_factor)
 
-        # GPT-2's initialization: N(0, 0.02) for every matrix, then a smaller std for the projections that
-        # write into the residual stream, so that the stream's variance does not grow with depth.
+        # GPT-2's initialization: N(0, 0.02) for every matrix (the norms' gains stay 1), then a smaller std for
+        # the projections that write into the residual stream, so that the stream's variance does not grow with depth.
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, mean=0.0, std=0.02)
@@ -192,7 +193,8 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 def get_lr(step: int, cfg: TrainConfig, peak_lr: float | None = None) -> float:
     """The learning rate at `step` of an optimizer whose peak is peak_lr (default: AdamW's learning_rate): a linear
     warmup, then cosine (down to the floor at lr_decay_iters) or wsd (flat: it explores; then a straight line down
-    over the last cooldown_frac of lr_decay_iters: it settles), then the floor, min_lr * peak_lr / learning_rate."""
+    over the last cooldown_frac of lr_decay_iters: it settles), then the floor, min_lr * peak_lr / learning_rate,
+    so that Muon and AdamW follow the same shape from their own peaks."""
     peak = cfg.learning_rate if peak_lr is None else peak_lr
     floor = cfg.min_lr * peak / cfg.learning_rate
     decay_iters = cfg.lr_decay_iters
@@ -451,7 +453,7 @@ def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) ->
     """Everything one process needs to train: the settings, the data, the model and its optimizers, new or as
     out-dir/ckpt.pt left them (--resume)."""
     ckpt_path = args.out_dir / "ckpt.pt"
-    checkpoint = checkpoint_to_resume(ckpt_path, args.resume, check=model_from_checkpoint)
+    checkpoint = checkpoint_to_resume(ckpt_path, args.resume, load=load_checkpoint)
     model_args, cfg = resolve_configs(args, checkpoint)
     tokenizer, train_data, val_data = load_data(args, model_args.max_seq_len, checkpoint)
     model_args = replace(model_args, vocab_size=tokenizer.vocab_size)

@@ -2,7 +2,8 @@
 
 Nothing here is about LLaMA; read main.py first.
 - `cli`: every flag, its help, and how the flags go on top of a preset or a resumed checkpoint.
-- `validators`: argparse's type checks, and the checks of a prompt, a corpus and a checkpoint's vocabulary.
+- `validators`: argparse's type checks; the checks of a prompt, a corpus, a checkpoint's vocabulary and the
+  sampling settings that a program passes to generation.
 - `runtime`: launch and teardown of a training process, signals, the out-dir lock, progress lines,
   the torch.distributed calls, the device choice and the atomic checkpoint write.
 - `checkpoint`: what a checkpoint holds, saving a run's, reading one safely, and resuming from it exactly.

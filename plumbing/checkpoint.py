@@ -53,12 +53,13 @@ def read_checkpoint(path: Path, check: Callable[[dict], object]) -> dict:
     return checkpoint
 
 
-def checkpoint_to_resume(path: Path, resume: bool | str, check: Callable[[dict], object]) -> dict | None:
-    """The checkpoint at `path` when --resume asks for it (True, or "auto" and the file exists), read with
-    read_checkpoint and checked to hold what resuming needs (else one-line ValueError); None for a new run."""
+def checkpoint_to_resume(path: Path, resume: bool | str, load: Callable[[Path], dict]) -> dict | None:
+    """The checkpoint at `path`, read with `load` (main.load_checkpoint), when --resume asks for it (True, or
+    "auto" and the file exists) and checked to hold what resuming needs (else one-line ValueError); None for a
+    new run."""
     if not (resume is True or (resume == "auto" and path.exists())):
         return None
-    checkpoint = read_checkpoint(path, check)
+    checkpoint = load(path)
     missing = sorted(RESUME_KEYS - checkpoint.keys())
     if missing:
         raise ValueError(f"{path} cannot be resumed: it lacks {', '.join(missing)}; sample from it with --sample, "

@@ -249,12 +249,13 @@ def training_process(device_choice: str, out_dir: Path) -> Iterator[tuple[int, i
 
 
 def interrupted(signum: int, step: int, ckpt_path: Path, world_size: int, data: str | None, log) -> Stopped:
-    """After the save that a signal asked for (every rank leaves it once rank 0 has written it, so torchrun, which
-    ends the others when one exits, cannot cut it short): say how to resume; return the Stopped exception to raise."""
+    """After the save that a signal asked for: say how to resume, wait for every rank (torchrun ends the others
+    when one exits: not before rank 0 has said it), and return the Stopped exception to raise."""
     stopped = Stopped(int(signum))
     launcher = "python main.py" if world_size == 1 else "torchrun [the same options] main.py"
     log(f"\ninterrupted at step {step} ({stopped}): checkpoint saved to {ckpt_path}.\n"
         f"continue with: {launcher} --resume --out-dir {ckpt_path.parent}" + (f" --data {data}" if data else ""))
+    wait_for_all_ranks()
     return stopped
 
 

@@ -1,6 +1,7 @@
 """Checks of what a user types: argparse `type=` functions, each turning a string into a value or refusing it
 with a one-line reason, then checks of what the flags point at (a prompt, a corpus, a checkpoint's vocabulary),
-each raising ValueError with a one-line reason that names the flag."""
+each raising ValueError with a one-line reason that names the flag, and of the sampling settings that a program
+passes to generation."""
 
 from __future__ import annotations
 
