@@ -35,7 +35,6 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llama_1b import SHAPES, peak_rss, write_random_llama  # noqa: E402
+from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
 
 from plumbing.validators import positive_int  # noqa: E402
 
@@ -125,13 +124,9 @@ def _seconds(f) -> float:
 
 def child(what: str, path: Path, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh Python process with --threads threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, __file__, "--measure", what, "--dir", str(path), "--new-tokens", str(args.new_tokens),
+    command = [__file__, "--measure", what, "--dir", str(path), "--new-tokens", str(args.new_tokens),
                "--threads", str(args.threads), "--dtype", args.dtype]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.exit(f"error: measuring {what} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return measure_in_child(command, what, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
 
 
 def main() -> None:

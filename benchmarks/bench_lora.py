@@ -30,7 +30,6 @@ import argparse
 import importlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llama_1b import SHAPES, peak_rss, write_random_llama  # noqa: E402
+from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
 
 import main  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
@@ -161,12 +160,8 @@ def measure_speed(path: Path, steps: int) -> dict:
 
 def child(flag: str, path: Path, steps: int, threads: int | None) -> dict:
     """Run this script with `flag` in a fresh process and return the JSON object it prints."""
-    command = [sys.executable, __file__, flag, str(path), "--steps", str(steps)]
-    command += ["--threads", str(threads)] if threads else []
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: the measuring process ({flag}) failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    command = [__file__, flag, str(path), "--steps", str(steps)]
+    return measure_in_child(command + (["--threads", str(threads)] if threads else []), flag)
 
 
 def main_cli() -> None:

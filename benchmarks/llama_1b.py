@@ -1,8 +1,11 @@
-"""What the Llama benchmarks share: the checkpoint shapes they write, and a process's peak memory."""
+"""What the Llama benchmarks share: the checkpoint shapes they write, a process's peak memory, and running one
+measurement in a fresh process."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +38,12 @@ def peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise OSError("no VmHWM in /proc/self/status (this benchmark measures memory on Linux only)")
+
+
+def measure_in_child(command: list[str], what: str, env: dict | None = None) -> dict:
+    """Run `python *command` in a fresh process (its own peak memory, no caches warmed by another measurement) and
+    return the JSON object it prints last. A failure ends the benchmark with the child's error output."""
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"error: measuring {what} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
