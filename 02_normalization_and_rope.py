@@ -23,8 +23,8 @@ attention score sees relative position. Early pairs spin fast, late pairs slowly
 Llama 3.1's frequency scaling (`use_scaled_rope`, used by the real checkpoints of chapter 5).
 Llama 3 was trained on 8,192-token windows; 3.1 stretches RoPE to 131,072 by slowing the slow
 pairs down. Pair i makes a full turn every 2*pi / theta_i positions (its wavelength): pairs with
-wavelengths over 8,192 turn `scale_factor` times slower, pairs under 2,048 are kept, and the band
-between is slowed by a blend of the two (8 for Llama 3.1, 32 for Llama 3.2 1B and 3B).
+wavelengths over 8,192 turn `scale_factor` times slower (8 for Llama 3.1, 32 for Llama 3.2 1B and 3B),
+pairs under 2,048 are kept, and the band between is slowed by a blend of the two.
 
 Needs: nothing from the other chapters.
 Run:   python 02_normalization_and_rope.py

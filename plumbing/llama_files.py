@@ -4,6 +4,8 @@
 - `read_params_json`, `map_consolidated_pth`: Meta's layout.
 - `read_config_json`, `map_safetensors`: Hugging Face's layout (one file, or the shards its index lists).
 - `checked`, `check_names_and_shapes`: the sizes are positive integers, and the weights fit them.
+- `read_tokenizer_json` (with `byte_level_alphabet`): the BPE ranks of a tokenizer.json, for tiktoken.
+- `read_json`: any of these JSON files, with one error line for a missing or broken one.
 Tensors are memory-mapped: loading reads the file's index, and the bytes come from disk when first used.
 """
 

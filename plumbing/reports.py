@@ -17,7 +17,7 @@ def write_loss_log(log: list[dict], lr_at: Callable[[int], dict[str, float]], ou
     each optimizer's learning rate at every step.
 
     Args:
-        log: one dict per evaluation: step, tokens, lr, train_loss, val_loss.
+        log: one dict per evaluation: step, tokens, lr (AdamW's), train_loss, val_loss.
         lr_at: step -> {optimizer name: learning rate}.
     """
     import matplotlib
