@@ -22,9 +22,10 @@ tensors become the parameters: a weight is copied only to reorder it or to chang
 
 Chat. An Instruct model reads Meta's `encode_dialog_prompt`: <|begin_of_text|>, then per message
 <|start_header_id|>role<|end_header_id|> "\\n\\n" content <|eot_id|>, then the assistant's header; the
-answer ends with <|eot_id|>. We follow it, content as it is. Hugging Face's chat template differs: it
-trims each message, and from Llama 3.1 on it always opens with a system turn that starts with dates
-("Cutting Knowledge Date: December 2023", "Today Date: ..."), before your system message if you give one.
+answer ends with <|eot_id|>. We follow llama-models' version, content as it is; the older meta-llama/llama3
+repository's ChatFormat trims each message, and so does Hugging Face's chat template, which from Llama 3.1
+on also always opens with a system turn that starts with dates ("Cutting Knowledge Date: December 2023",
+"Today Date: ..."), before your system message if you give one.
 A conversation keeps its KV cache across turns: each turn feeds only its new tokens at the running
 position (Meta's `forward(tokens, start_pos)`).
 
@@ -52,7 +53,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from main import ModelArgs, Transformer, sample_next
 from plumbing import llama_files
@@ -160,7 +161,8 @@ class Llama3Tokenizer:
                 self.special_tokens["<|end_header_id|>"], *self.encode("\n\n")]
 
     def encode_message(self, role: str, content: str) -> list[int]:
-        """One message of the chat format, its content as it is (Meta's; Hugging Face's template trims it)."""
+        """One message of the chat format, its content as it is (llama-models'; meta-llama/llama3's ChatFormat and
+        Hugging Face's template trim it)."""
         return [*self.encode_header(role), *self.encode(content), self.eot_id]
 
     def encode_dialog_prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -198,6 +200,8 @@ HF_LAYER_NAMES = {
 }
 HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
             "lm_head.weight": "output.weight"}
+META_NAMES = {meta: hf for hf, meta in HF_NAMES.items()}  # the inverses, for meta_to_hf_name
+META_LAYER_NAMES = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
 
 
 def hf_to_meta_name(name: str) -> str:
@@ -214,12 +218,10 @@ def hf_to_meta_name(name: str) -> str:
 
 def meta_to_hf_name(name: str) -> str:
     """The inverse of hf_to_meta_name: 'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    meta_names = {meta: hf for hf, meta in HF_NAMES.items()}
-    if name in meta_names:
-        return meta_names[name]
+    if name in META_NAMES:
+        return META_NAMES[name]
     _, i, *layer_name, _ = name.split(".")  # layers.{i}.attention.wq.weight, layers.{i}.ffn_norm.weight
-    hf_layer_names = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
-    return f"model.layers.{i}.{hf_layer_names['.'.join(layer_name)]}.weight"
+    return f"model.layers.{i}.{META_LAYER_NAMES['.'.join(layer_name)]}.weight"
 
 
 def unpermute_hf(w: torch.Tensor, n_heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -243,6 +245,16 @@ def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def qk_heads(name: str, model_args: ModelArgs) -> int | None:
+    """The heads of a weight whose rows Hugging Face reorders, by Meta's name: n_heads for wq, n_kv_heads for wk
+    (fewer with GQA), None for every other weight."""
+    if name.endswith("attention.wq.weight"):
+        return model_args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return model_args.n_kv_heads or model_args.n_heads
+    return None
 
 
 def meta_rope_scaling_factor(model_args: ModelArgs) -> float:
@@ -332,12 +344,12 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
         state_dict["output.weight"] = output
 
     dtype = dtype or embedding.dtype
-    for name, tensor in state_dict.items():
-        if not meta_layout and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            heads = model_args.n_heads if ".wq." in name else model_args.n_kv_heads or model_args.n_heads
-            state_dict[name] = unpermute_hf(tensor, heads, dtype)
+    for name, tensor in state_dict.items():  # each tensor straight to the device, converted on the way
+        heads = None if meta_layout else qk_heads(name, model_args)
+        if heads:
+            state_dict[name] = unpermute_hf(tensor.to(device), heads, dtype)
         else:
-            state_dict[name] = tensor.to(dtype)  # no copy when it already is
+            state_dict[name] = tensor.to(device=device, dtype=dtype)  # no copy when it already is
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -466,18 +478,17 @@ def write_both_layouts(root: Path, weights: dict[str, torch.Tensor], params: dic
     (meta / "params.json").write_text(json.dumps(params))
     torch.save(weights, meta / "consolidated.00.pth")
 
+    model_args = ModelArgs(**params)
     tied = weights["output.weight"] is weights["tok_embeddings.weight"]
     hf_weights = {}
     for name, w in weights.items():
         if name == "output.weight" and tied:
             continue  # Hugging Face's file leaves a tied lm_head out
-        if name.endswith(("wq.weight", "wk.weight")):
-            w = permute_for_hf(w, params["n_heads"] if ".wq." in name else params["n_kv_heads"])
-        hf_weights[meta_to_hf_name(name)] = w.contiguous()
+        heads = qk_heads(name, model_args)
+        hf_weights[meta_to_hf_name(name)] = (permute_for_hf(w, heads) if heads else w).contiguous()
     save_file(hf_weights, hf / "model.safetensors")
-    factor = meta_rope_scaling_factor(ModelArgs(**params))
-    rope = {"rope_type": "llama3", "rope_theta": params["rope_theta"], "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = {"rope_type": "llama3", "rope_theta": params["rope_theta"],
+            "factor": meta_rope_scaling_factor(model_args), **llama_files.LLAMA3_ROPE}
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": params["dim"],
               "num_hidden_layers": params["n_layers"], "num_attention_heads": params["n_heads"],
               "num_key_value_heads": params["n_kv_heads"], "vocab_size": params["vocab_size"],
@@ -557,7 +568,7 @@ def demo(args: argparse.Namespace) -> None:
         models = {"meta": load_llama(meta_dir, 64, log=quiet)[0], "hf": load_llama(hf_dir, 64, log=quiet)[0]}
         # What a loader that renames Hugging Face's tensors but keeps their row order would get:
         models["hf_as_stored"] = Transformer(models["meta"].params)
-        stored = {hf_to_meta_name(name): w for name, w in load_file(hf_dir / "model.safetensors").items()}
+        stored = read_hf_checkpoint(hf_dir, quiet)[1]  # Meta's names, Hugging Face's row order
         models["hf_as_stored"].load_state_dict({**stored, "output.weight": stored["tok_embeddings.weight"]})
     tokens = torch.tensor([list(b"ROMEO: But soft, what light through yonder window")])  # (1, 49), byte ids
     with torch.no_grad():

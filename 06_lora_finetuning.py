@@ -232,14 +232,13 @@ def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]
     """
     from safetensors.torch import save_file
 
-    heads = {"wq": model.params.n_heads, "wk": model.params.n_kv_heads or model.params.n_heads}
     tensors, targets = {}, set()
     for name, module in lora_modules(model).items():  # "layers.3.attention.wq"
         hf_name = llama.meta_to_hf_name(f"{name}.weight").removesuffix(".weight")  # "model.layers.3.self_attn.q_proj"
         lora_B = module.lora_B.detach()  # (out, r): its rows are W's rows, in Meta's order
-        proj = name.split(".")[-1]
-        if proj in heads:
-            lora_B = llama.permute_for_hf(lora_B, heads[proj])
+        heads = llama.qk_heads(f"{name}.weight", model.params)
+        if heads:  # wq, wk
+            lora_B = llama.permute_for_hf(lora_B, heads)
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = module.lora_A.detach().contiguous()
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_B.contiguous()
         targets.add(hf_name.split(".")[-1])

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
 
 import main  # noqa: E402
+from plumbing.llama_files import LLAMA3_ROPE  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
 
 inputs = importlib.import_module("01_input_block")
@@ -85,12 +86,11 @@ def peft_model_of(model: main.Transformer) -> nn.Module:
         num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
         rms_norm_eps=args.norm_eps, max_position_embeddings=131072, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
+                         **LLAMA3_ROPE})
     state_dict = {}
     for name, tensor in model.state_dict().items():  # Meta's names and row order -> Hugging Face's
-        proj = name.split(".")[-2]
-        state_dict[llama.meta_to_hf_name(name)] = llama.permute_for_hf(tensor, heads[proj]) if proj in heads else tensor
+        heads = llama.qk_heads(name, args)
+        state_dict[llama.meta_to_hf_name(name)] = llama.permute_for_hf(tensor, heads) if heads else tensor
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
     hf_model.load_state_dict(state_dict, strict=True, assign=True)
