@@ -500,11 +500,18 @@ def write_both_layouts(root: Path, weights: dict[str, torch.Tensor], params: dic
     return meta, hf
 
 
-def parameter_counts(params: dict) -> dict[str, int]:
-    """A model's parameters by part, counted on the meta device (no memory), with the output tied."""
+def tied_meta_model(params: dict) -> Transformer:
+    """The model of a params.json on the meta device (shapes, no memory), its output tied to the embedding as in
+    Llama 3.2 1B and 3B: for counting parameters."""
     with torch.device("meta"):
         model = Transformer(ModelArgs(**params))
     model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def parameter_counts(params: dict) -> dict[str, int]:
+    """A model's parameters by part, with the output tied."""
+    model = tied_meta_model(params)
     parts = {"embedding = output": "tok_embeddings", "attention": ".attention.", "feed-forward": ".feed_forward.",
              "norms": "norm"}
     return {part: sum(p.numel() for name, p in model.named_parameters() if key in name) for part, key in parts.items()}

@@ -345,7 +345,7 @@ def set_up(args: argparse.Namespace) -> FineTune:
 
     torch.manual_seed(cfg.seed)  # A's random start
     add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
-    optimizers = configure_optimizer(model, cfg, device.split(":")[0])
+    optimizers = configure_optimizer(model, cfg, torch.device(device).type)
     run = FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
                    torch.Generator().manual_seed(cfg.seed), device, args.out_dir, str(args.llama_dir or args.ckpt))
     if saved is not None:
@@ -460,17 +460,13 @@ def use_adapter(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- the demo and its figure
 
-# params.json of Llama 3.2 1B, for the figure's counts (built on the meta device: shapes, no memory).
-LLAMA_32_1B = ModelArgs(**llama.LLAMA_32_PARAMS["1B"])
 DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
                    "04_feedforward_and_transformer_block.py"]
 
 
 def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
     """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
-    with torch.device("meta"):
-        model = Transformer(LLAMA_32_1B)
-    model.output.weight = model.tok_embeddings.weight  # tied, as in Llama 3.2 1B
+    model = llama.tied_meta_model(llama.LLAMA_32_PARAMS["1B"])
     n_total = count_parameters(model)[1]
     return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
 

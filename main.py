@@ -399,7 +399,7 @@ class Run:
 
     @property
     def device_type(self) -> str:
-        return self.device.split(":")[0]  # "cuda:1" -> "cuda"
+        return torch.device(self.device).type  # "cuda:1" -> "cuda"
 
     @property
     def autocast(self) -> torch.autocast | nullcontext:
@@ -458,7 +458,7 @@ def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) ->
     tokenizer, train_data, val_data = load_data(args, model_args.max_seq_len, checkpoint)
     model_args = replace(model_args, vocab_size=tokenizer.vocab_size)
 
-    device_type = device.split(":")[0]
+    device_type = torch.device(device).type
     dtype = args.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     torch.manual_seed(cfg.seed)
     raw_model = Transformer(model_args).to(device)
