@@ -21,24 +21,23 @@ losses compare with published figures.
 Real LLaMA 3 reads byte-level BPE tokens (128,256 of them, about 3.7 characters each), not
 characters: chapter 5 builds that tokenizer, once the model is complete.
 
-Needs: nothing from the other chapters.
+Needs: nothing from the other chapters (plumbing/download.py fetches the corpus on first use).
 Run:   python 01_input_block.py [--data PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
-import os
 import sys
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from plumbing.download import download
+
+# Where the corpus comes from, and the SHA-256 of its bytes (the download checks it).
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
@@ -46,38 +45,6 @@ DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare.
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 SPECIAL_TOKENS = [BOS, EOS]
 VISIBLE = {" ": "␣", "\n": "\\n"}  # how figures show space and newline
-
-
-def download_corpus(path: Path, url: str = DATA_URL, sha256: str = DATA_SHA256) -> None:
-    """Download `url` to `path`, check its SHA-256, and only then move it into place.
-
-    The bytes go to a temporary file beside `path`; any failure removes it, so a
-    broken download never leaves a partial corpus behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    hint = f"download it yourself from {url} and save it as {path}, or pass --data PATH"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while chunk := response.read(1 << 16):
-                f.write(chunk)
-                done += len(chunk)
-                print(f"\rdownloading {url}: {done:,} / {total:,} bytes", end="", file=sys.stderr)
-            print(file=sys.stderr)
-            if total and done != total:
-                raise ConnectionError(f"connection dropped after {done:,} of {total:,} bytes")
-            f.flush()
-            os.fsync(f.fileno())
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        if digest != sha256:
-            raise ValueError(f"checksum mismatch for {url}: got {digest}, expected {sha256}; {hint}")
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:  # HTTP errors, timeouts, dropped connections
-        raise ConnectionError(f"could not download the corpus ({e}); {hint}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_text(path: str | Path | None = None) -> str:
@@ -90,7 +57,7 @@ def load_text(path: str | Path | None = None) -> str:
     if path is None:
         path = DEFAULT_DATA_PATH
         if not path.exists():
-            download_corpus(path)
+            download(DATA_URL, path, DATA_SHA256)  # with a progress line and the checksum checked
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")

@@ -218,8 +218,15 @@ def main() -> None:
     freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
     ratio = freqs / apply_scaling(freqs, scale_factor=32)
     kept, divided = torch.isclose(ratio, torch.tensor(1.0)), torch.isclose(ratio, torch.tensor(32.0))
-    print(f"use_scaled_rope (factor 32): {int(kept.sum())} fast pairs kept, {int(divided.sum())} slow pairs "
-          f"divided by 32, {int((~kept & ~divided).sum())} in the band slowed by less (should add up to 64)")
+    # Expected, by hand: pair i's wavelength is 2 pi * 500000 ** (i / 64), under 2,048 positions (kept) while
+    # i < 64 * ln(2048 / 2 pi) / ln(500000) = 28.2, over 8,192 (divided) once i > 64 * ln(8192 / 2 pi) / ln(500000)
+    # = 34.98: pairs 0-28 kept, 29-34 blended, 35-63 divided.
+    first_blended, first_divided = (math.ceil(64 * math.log(wavelength / (2 * math.pi)) / math.log(500000.0))
+                                    for wavelength in (2048, 8192))
+    print(f"use_scaled_rope (factor 32) on Llama 3's 64 pairs: {int(kept.sum())} fast pairs kept, "
+          f"{int((~kept & ~divided).sum())} in the band slowed by less, {int(divided.sum())} slow pairs divided by 32 "
+          f"(should be {first_blended}, {first_divided - first_blended} and {64 - first_divided}, from the 2,048 and "
+          f"8,192 wavelength thresholds)")
     for path in plot_figures(args.fig_dir):
         print(f"figure: {path}")
     print("caption: low pairs spin fast and high pairs slowly; the score depends on distance only; "

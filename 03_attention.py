@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-rope = importlib.import_module("02_normalization_and_rope")
+# A module whose name starts with a digit cannot be imported with `import 02_...` (a Python name cannot start with a
+# digit), so the chapters import each other with importlib, under the chapter's name without its number.
+normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -81,6 +83,7 @@ class Attention(nn.Module):
 
     def __init__(
         self,
+        *,
         dim: int,
         n_heads: int,
         n_kv_heads: int | None = None,
@@ -136,11 +139,21 @@ class Attention(nn.Module):
         kv_len = keys.shape[2]
 
         if self.fused:
-            # is_causal=True is top-left aligned, right only when q_len == kv_len.
-            # One new token may see the whole cache; a chunk after a prefix needs the explicit mask.
-            mask = None if seqlen in (1, kv_len) else causal_mask(seqlen, kv_len, x.device)
+            # Which keys each query may see, in the three cases generation and training meet:
+            # - one new token (seqlen 1): it sees the whole cache, so no mask at all;
+            # - a whole sequence (seqlen == kv_len: training, or a prompt at start_pos 0): the plain causal
+            #   triangle, which SDPA builds itself with is_causal=True;
+            # - a chunk after a cached prefix (1 < seqlen < kv_len): query i sees the prefix and the chunk up to
+            #   itself. is_causal=True would be wrong here (SDPA aligns its triangle top-left, at key 0), so the
+            #   mask is causal_mask's, aligned bottom-right.
+            if seqlen == 1:
+                mask, is_causal = None, False
+            elif seqlen == kv_len:
+                mask, is_causal = None, True
+            else:
+                mask, is_causal = causal_mask(seqlen, kv_len, x.device), False
             output = F.scaled_dot_product_attention(
-                xq, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=seqlen == kv_len > 1
+                xq, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
             )
         else:
             probs = attention_probs(xq, keys, causal_mask(seqlen, kv_len, x.device))
@@ -155,7 +168,7 @@ class Attention(nn.Module):
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = rope.apply_rotary_emb(xq, xk, freqs_cis)
+        xq, xk = normalization_and_rope.apply_rotary_emb(xq, xk, freqs_cis)
         return xq, xk, xv
 
     def _update_cache(self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,8 +207,8 @@ def plot_figures(fig_dir: Path) -> list[Path]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     dim, n_heads, n_kv_heads, seqlen = 32, 4, 2, 12
-    attn = Attention(dim, n_heads, n_kv_heads, max_batch_size=1, max_seq_len=seqlen)
-    freqs_cis = rope.precompute_freqs_cis(dim // n_heads, seqlen)
+    attn = Attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, max_batch_size=1, max_seq_len=seqlen)
+    freqs_cis = normalization_and_rope.precompute_freqs_cis(dim // n_heads, seqlen)
     x = torch.randn(1, seqlen, dim)
     with torch.no_grad():
         weights = attention_weights(attn, x, freqs_cis)[0]  # (n_heads, seqlen, seqlen)
@@ -251,8 +264,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     dim, n_heads, n_kv_heads, seqlen = 64, 8, 2, 10
-    attn = Attention(dim, n_heads, n_kv_heads, max_batch_size=2, max_seq_len=seqlen).eval()
-    freqs_cis = rope.precompute_freqs_cis(dim // n_heads, seqlen)
+    attn = Attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, max_batch_size=2, max_seq_len=seqlen).eval()
+    freqs_cis = normalization_and_rope.precompute_freqs_cis(dim // n_heads, seqlen)
     x = torch.randn(2, seqlen, dim)  # (bsz, seqlen, dim)
     print(f"Attention(dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}): n_rep={attn.n_rep}, "
           f"head_dim={attn.head_dim}")

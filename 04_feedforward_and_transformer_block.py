@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-rope = importlib.import_module("02_normalization_and_rope")
+normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 attention = importlib.import_module("03_attention")
 
 
@@ -48,7 +48,7 @@ def ffn_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float 
 class FeedForward(nn.Module):
     """SwiGLU MLP (Meta's `FeedForward`). `hidden_dim` is the starting point (4 * dim), not the final size."""
 
-    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
+    def __init__(self, *, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None,
                  dropout: float = 0.0):
         super().__init__()
         hidden_dim = ffn_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
@@ -65,15 +65,17 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual."""
 
-    def __init__(self, layer_id: int, dim: int, n_heads: int, n_kv_heads: int | None, multiple_of: int,
+    def __init__(self, layer_id: int, *, dim: int, n_heads: int, n_kv_heads: int | None, multiple_of: int,
                  ffn_dim_multiplier: float | None, norm_eps: float, max_batch_size: int, max_seq_len: int,
                  dropout: float = 0.0):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = attention.Attention(dim, n_heads, n_kv_heads, max_batch_size, max_seq_len, dropout)
-        self.feed_forward = FeedForward(dim, 4 * dim, multiple_of, ffn_dim_multiplier, dropout)
-        self.attention_norm = rope.RMSNorm(dim, eps=norm_eps)
-        self.ffn_norm = rope.RMSNorm(dim, eps=norm_eps)
+        self.attention = attention.Attention(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                             max_batch_size=max_batch_size, max_seq_len=max_seq_len, dropout=dropout)
+        self.feed_forward = FeedForward(dim=dim, hidden_dim=4 * dim, multiple_of=multiple_of,
+                                        ffn_dim_multiplier=ffn_dim_multiplier, dropout=dropout)
+        self.attention_norm = normalization_and_rope.RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = normalization_and_rope.RMSNorm(dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """x: (bsz, seqlen, dim) -> (bsz, seqlen, dim). start_pos as in `Attention.forward`."""
@@ -142,10 +144,10 @@ def main() -> None:
     print(f"FFN hidden size for Llama 3 8B (dim 4096, multiple_of 1024, ffn_dim_multiplier 1.3): "
           f"{ffn_hidden_dim(4 * 4096, 1024, 1.3)} (should be 14336, as in Meta's checkpoint)")
     dim, seqlen = 64, 12
-    block = TransformerBlock(0, dim, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=None,
+    block = TransformerBlock(0, dim=dim, n_heads=4, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=None,
                              norm_eps=1e-5, max_batch_size=2, max_seq_len=seqlen)
     print(f"FeedForward(dim={dim}): hidden size {block.feed_forward.w1.out_features}")
-    freqs_cis = rope.precompute_freqs_cis(dim // 4, seqlen)
+    freqs_cis = normalization_and_rope.precompute_freqs_cis(dim // 4, seqlen)
     x = torch.randn(2, seqlen, dim)
     with torch.no_grad():
         out = block(x, freqs_cis)
@@ -162,9 +164,16 @@ def main() -> None:
     print(f"  with wo and w2 zeroed, the residual path alone: out equals x exactly: {torch.equal(passed, x)} "
           f"(should be True)")
 
-    # The figure counts the real thing: one block with Llama 3 8B's sizes, on the meta device (no memory).
+    # The real thing: one block with Llama 3 8B's sizes, on the meta device (shapes, no memory).
     with torch.device("meta"):
-        big = TransformerBlock(0, 4096, 32, 8, 1024, 1.3, 1e-5, 1, 8192)
+        big = TransformerBlock(0, dim=4096, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3,
+                               norm_eps=1e-5, max_batch_size=1, max_seq_len=8192)
+    n_attn, n_ffn = (sum(p.numel() for p in m.parameters()) for m in (big.attention, big.feed_forward))
+    # By hand, in columns of 4096: attention has wq and wo (4096 rows each) and wk and wv (1024 rows each: 8 KV
+    # heads of 128); the feed-forward network has w1, w2 and w3 (14336 each).
+    expected = 3 * 14336 / (3 * 14336 + 2 * 4096 + 2 * 1024)
+    print(f"Llama 3 8B block: attention {n_attn:,}, feed-forward {n_ffn:,} parameters: the feed-forward network "
+          f"holds {n_ffn / (n_attn + n_ffn):.1%} of the block's matrices (should be {expected:.1%}, about four fifths)")
     for path in plot_figures(big, args.fig_dir):
         print(f"figure: {path}")
     print("caption: SiLU is a smooth ReLU that lets small negatives through; "

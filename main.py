@@ -39,7 +39,7 @@ from plumbing.reports import draw_attention, report_run, report_start
 from plumbing.validators import check_long_enough, check_prompt, check_sampling, check_vocabulary
 
 inputs = importlib.import_module("01_input_block")
-rope = importlib.import_module("02_normalization_and_rope")
+normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 attention = importlib.import_module("03_attention")
 blocks = importlib.import_module("04_feedforward_and_transformer_block")
 
@@ -78,20 +78,21 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(
             blocks.TransformerBlock(
-                i, params.dim, params.n_heads, params.n_kv_heads, params.multiple_of, params.ffn_dim_multiplier,
-                params.norm_eps, params.max_batch_size, params.max_seq_len, params.dropout,
+                i, dim=params.dim, n_heads=params.n_heads, n_kv_heads=params.n_kv_heads, multiple_of=params.multiple_of,
+                ffn_dim_multiplier=params.ffn_dim_multiplier, norm_eps=params.norm_eps,
+                max_batch_size=params.max_batch_size, max_seq_len=params.max_seq_len, dropout=params.dropout,
             )
             for i in range(params.n_layers)
         )
-        self.norm = rope.RMSNorm(params.dim, eps=params.norm_eps)
+        self.norm = normalization_and_rope.RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         # Computed once, and a plain attribute as in Meta's code, not a buffer: `model.to(torch.bfloat16)`
         # would cast a buffer's complex rotations to real numbers, and RoPE would scale instead of rotate.
         # Built on the CPU also when the weights are built on the meta device (chapter 5); forward moves it.
         with torch.device("cpu"):
-            self.freqs_cis = rope.precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len,
-                                                       params.rope_theta, params.use_scaled_rope,
-                                                       params.rope_scaling_factor)
+            self.freqs_cis = normalization_and_rope.precompute_freqs_cis(
+                params.dim // params.n_heads, params.max_seq_len, params.rope_theta, params.use_scaled_rope,
+                params.rope_scaling_factor)
 
         # GPT-2's initialization: N(0, 0.02) for every matrix (the norms' gains stay 1), then a smaller std for
         # the projections that write into the residual stream, so that the stream's variance does not grow with depth.

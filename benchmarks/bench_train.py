@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, where main.py lives
 import main  # noqa: E402
 
-rope = importlib.import_module("02_normalization_and_rope")
+normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 
 VOCAB_SIZE = 67  # Tiny Shakespeare: 65 characters + 2 special tokens
 
@@ -94,9 +94,9 @@ def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, 
     lrs = list(main.learning_rates(cfg.warmup_iters, optimizers, cfg).values())  # the peak rates
     x = torch.randint(0, VOCAB_SIZE, (cfg.batch_size, model_args.max_seq_len))  # (bsz, seqlen)
     y = torch.randint(0, VOCAB_SIZE, (cfg.batch_size, model_args.max_seq_len))
-    original_rope = rope.apply_rotary_emb
+    original_rope = normalization_and_rope.apply_rotary_emb
     if variant == "real-rope":  # chapter 3 looks the function up in chapter 2's module at each call
-        rope.apply_rotary_emb = apply_rotary_emb_real
+        normalization_and_rope.apply_rotary_emb = apply_rotary_emb_real
     try:
         times = []
         for i in range(warmup + steps):
@@ -105,15 +105,15 @@ def time_steps(variant: str, model_args: main.ModelArgs, cfg: main.TrainConfig, 
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     finally:
-        rope.apply_rotary_emb = original_rope
+        normalization_and_rope.apply_rotary_emb = original_rope
     return statistics.median(times)
 
 
 def check_real_rope() -> None:
     """The real-valued RoPE must equal chapter 2's, or its timing means nothing."""
-    freqs_cis = rope.precompute_freqs_cis(32, 16)
+    freqs_cis = normalization_and_rope.precompute_freqs_cis(32, 16)
     xq, xk = torch.randn(2, 16, 4, 32), torch.randn(2, 16, 2, 32)
-    ours, theirs = apply_rotary_emb_real(xq, xk, freqs_cis), rope.apply_rotary_emb(xq, xk, freqs_cis)
+    ours, theirs = apply_rotary_emb_real(xq, xk, freqs_cis), normalization_and_rope.apply_rotary_emb(xq, xk, freqs_cis)
     torch.testing.assert_close(ours, theirs)  # compares the (xq, xk) tuples element by element
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-rope = importlib.import_module("02_normalization_and_rope")
+normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 attention = importlib.import_module("03_attention")
 
 DIM, SEQLEN = 32, 12
@@ -16,12 +16,13 @@ DIM, SEQLEN = 32, 12
 
 def make_attention(n_heads: int = 4, n_kv_heads: int | None = 2, seed: int = 0, **kwargs) -> attention.Attention:
     torch.manual_seed(seed)
-    return attention.Attention(DIM, n_heads, n_kv_heads, max_batch_size=2, max_seq_len=SEQLEN, **kwargs).eval()
+    return attention.Attention(dim=DIM, n_heads=n_heads, n_kv_heads=n_kv_heads, max_batch_size=2, max_seq_len=SEQLEN,
+                               **kwargs).eval()
 
 
 def inputs_for(attn: attention.Attention, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(2, SEQLEN, DIM, generator=torch.Generator().manual_seed(seed))  # (bsz, seqlen, dim)
-    return x, rope.precompute_freqs_cis(attn.head_dim, SEQLEN)
+    return x, normalization_and_rope.precompute_freqs_cis(attn.head_dim, SEQLEN)
 
 
 def reference_multi_head_attention(attn: attention.Attention, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def reference_multi_head_attention(attn: attention.Attention, x: torch.Tensor, f
     q = (x @ attn.wq.weight.T).view(bsz, seqlen, n_heads, head_dim)
     k = (x @ attn.wk.weight.T).view(bsz, seqlen, n_heads, head_dim)
     v = (x @ attn.wv.weight.T).view(bsz, seqlen, n_heads, head_dim)
-    q, k = rope.apply_rotary_emb(q, k, freqs_cis)
+    q, k = normalization_and_rope.apply_rotary_emb(q, k, freqs_cis)
     future = torch.triu(torch.ones(seqlen, seqlen, dtype=torch.bool), diagonal=1)  # key after query
     heads = []
     for h in range(n_heads):
@@ -78,9 +79,9 @@ def test_gqa_shares_each_kv_head_with_n_rep_query_heads():
 
 def test_heads_must_divide_evenly():
     with pytest.raises(ValueError):
-        attention.Attention(DIM, n_heads=4, n_kv_heads=3)
+        attention.Attention(dim=DIM, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError):
-        attention.Attention(30, n_heads=4, n_kv_heads=2)
+        attention.Attention(dim=30, n_heads=4, n_kv_heads=2)
 
 
 # ----------------------------------------------------------------------------- causality and the two paths

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-rope = importlib.import_module("02_normalization_and_rope")
+normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 blocks = importlib.import_module("04_feedforward_and_transformer_block")
 
 
@@ -27,7 +27,7 @@ def test_ffn_hidden_size_on_meta_configs(dim, multiple_of, ffn_dim_multiplier, h
 def test_feedforward_hidden_size_on_the_meta_device():
     """The real 8B layer, built without allocating memory, has Meta's weight shapes."""
     with torch.device("meta"):
-        ffn = blocks.FeedForward(4096, 4 * 4096, 1024, 1.3)
+        ffn = blocks.FeedForward(dim=4096, hidden_dim=4 * 4096, multiple_of=1024, ffn_dim_multiplier=1.3)
     assert ffn.w1.weight.shape == ffn.w3.weight.shape == (14336, 4096)
     assert ffn.w2.weight.shape == (4096, 14336)
 
@@ -35,7 +35,7 @@ def test_feedforward_hidden_size_on_the_meta_device():
 def test_feedforward_is_swiglu():
     """FFN(x) = w2(silu(w1 x) * w3 x), with silu(z) = z * sigmoid(z) and no biases."""
     torch.manual_seed(0)
-    ffn = blocks.FeedForward(16, 64, multiple_of=8, ffn_dim_multiplier=None)
+    ffn = blocks.FeedForward(dim=16, hidden_dim=64, multiple_of=8, ffn_dim_multiplier=None)
     hidden = ffn.w1.out_features
     assert hidden == 48  # 2/3 of 64 = 42, rounded up to a multiple of 8
     assert all(layer.bias is None for layer in (ffn.w1, ffn.w2, ffn.w3))
@@ -59,7 +59,7 @@ def make_block(layer_id: int = 0) -> blocks.TransformerBlock:
 def test_block_is_pre_norm_with_two_residuals():
     block = make_block()
     x = torch.randn(2, 10, 32)
-    freqs_cis = rope.precompute_freqs_cis(8, 10)
+    freqs_cis = normalization_and_rope.precompute_freqs_cis(8, 10)
     with torch.no_grad():
         out = block(x, freqs_cis)
         h = x + block.attention(block.attention_norm(x), freqs_cis)
@@ -80,7 +80,7 @@ def test_block_state_dict_keys_follow_meta():
 def test_block_cached_equals_uncached():
     block = make_block()
     x = torch.randn(1, 10, 32)
-    freqs_cis = rope.precompute_freqs_cis(8, 10)
+    freqs_cis = normalization_and_rope.precompute_freqs_cis(8, 10)
     with torch.no_grad():
         full = block(x, freqs_cis)
         first = block(x[:, :6], freqs_cis[:6], start_pos=0)

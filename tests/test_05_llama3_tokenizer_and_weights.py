@@ -35,6 +35,7 @@ from transformers import LlamaForCausalLM
 import main
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+precompute_freqs_cis = importlib.import_module("02_normalization_and_rope").precompute_freqs_cis
 SEQLEN = 64
 SILENT = lambda line: None  # noqa: E731 (load_llama's log)
 
@@ -220,9 +221,9 @@ def test_the_tiny_checkpoints_tell_the_rope_variants_apart(checkpoints):
         expected = reference(tokens).logits
         errors = {}
         for name, theta, factor in [("factor 8", 500000.0, 8.0), ("theta 10000", 10000.0, 32.0)]:
-            model.freqs_cis = main.rope.precompute_freqs_cis(16, SEQLEN, theta, True, scale_factor=factor)
+            model.freqs_cis = precompute_freqs_cis(16, SEQLEN, theta, True, scale_factor=factor)
             errors[name] = (model(tokens)[0] - expected).abs().max()
-        model.freqs_cis = main.rope.precompute_freqs_cis(16, SEQLEN, 500000.0, True, scale_factor=32.0)
+        model.freqs_cis = precompute_freqs_cis(16, SEQLEN, 500000.0, True, scale_factor=32.0)
         for layer in model.layers:  # Hugging Face's row order put back
             layer.attention.wq.weight.copy_(permute_meta_to_hf(layer.attention.wq.weight, 4))
         errors["permuted"] = (model(tokens)[0] - expected).abs().max()

@@ -26,6 +26,8 @@ import pytest
 import torch
 from conftest import REPO, assert_same_training_state, cli_error, interrupt, start_cli
 
+from plumbing.download import download
+
 main = importlib.import_module("main")
 runtime = importlib.import_module("plumbing.runtime")
 inputs = importlib.import_module("01_input_block")
@@ -239,7 +241,7 @@ def test_failed_download_leaves_nothing(route, error, expected, server_url, tmp_
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     path = tmp_path / "data" / "corpus.txt"
     with pytest.raises(error, match=expected) as exc:
-        inputs.download_corpus(path, url=server_url + route, sha256="0" * 64)
+        download(server_url + route, path, "0" * 64)
     assert isinstance(exc.value, (OSError, ValueError))  # what the CLI turns into "error: ..."
     assert f"save it as {path}" in str(exc.value) and "--data PATH" in str(exc.value)
     assert list(path.parent.iterdir()) == []  # no partial corpus, no .part file
@@ -248,7 +250,7 @@ def test_failed_download_leaves_nothing(route, error, expected, server_url, tmp_
 def test_download_succeeds_with_the_right_checksum(server_url, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     path = tmp_path / "corpus.txt"
-    inputs.download_corpus(path, url=server_url + "/ok", sha256=hashlib.sha256(BODY).hexdigest())
+    download(server_url + "/ok", path, hashlib.sha256(BODY).hexdigest())
     assert path.read_bytes() == BODY and list(tmp_path.iterdir()) == [path]
 
 
