@@ -66,7 +66,7 @@ from main import (
     model_from_checkpoint,
     train_step,
 )
-from plumbing import lora_cli
+from plumbing import llama_fixtures, lora_cli
 from plumbing.lora_cli import load_adapter
 from plumbing.reports import write_metrics
 from plumbing.runtime import Progress, StopSignals, exit_on_error, lock_out_dir, pick_device, save_checkpoint
@@ -233,8 +233,8 @@ def export_peft(model: Transformer, out_dir: Path, base_name: str) -> list[Path]
     from safetensors.torch import save_file
 
     tensors, targets = {}, set()
-    for name, module in lora_modules(model).items():  # "layers.3.attention.wq"
-        hf_name = llama.meta_to_hf_name(f"{name}.weight").removesuffix(".weight")  # "model.layers.3.self_attn.q_proj"
+    for name, module in lora_modules(model).items():  # "layers.3.attention.wq" -> "model.layers.3.self_attn.q_proj"
+        hf_name = llama.rename(f"{name}.weight", llama.META_NAMES).removesuffix(".weight")
         lora_B = module.lora_B.detach()  # (out, r): its rows are W's rows, in Meta's order
         heads = llama.qk_heads(f"{name}.weight", model.params)
         if heads:  # wq, wk
@@ -466,7 +466,7 @@ DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_atte
 
 def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
     """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
-    model = llama.tied_meta_model(llama.LLAMA_32_PARAMS["1B"])
+    model = llama_fixtures.tied_meta_model(llama_fixtures.LLAMA_32_PARAMS["1B"])
     n_total = count_parameters(model)[1]
     return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
 

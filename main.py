@@ -212,19 +212,21 @@ def get_lr(step: int, cfg: TrainConfig, peak_lr: float | None = None) -> float:
 
 
 def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Orthogonalize each matrix of the stack g (n_matrices, rows, cols) approximately: for g = U S V^T, about
-    U V^T, in `dtype`. Each step maps x to a x + b (x x^T) x + c (x x^T)^2 x, an odd polynomial of the singular
-    values; Keller Jordan tuned (a, b, c) to pull small ones up fast (they end between about 0.7 and 1.2)."""
+    """Orthogonalize the matrix g approximately: for g = U S V^T, about U V^T, in `dtype`.
+
+    Each step maps X to a X + b (X X^T) X + c (X X^T)^2 X, an odd polynomial of the singular values; Keller Jordan
+    tuned (a, b, c) to pull small ones up fast (they end between about 0.7 and 1.2)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(dtype)
-    tall = g.size(1) > g.size(2)
+    tall = g.size(0) > g.size(1)
     if tall:
-        x = x.mT  # iterate on the wide form: x x^T is then the smaller Gram matrix
-    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # Frobenius norm 1: every singular value <= 1
+        x = x.T  # iterate on the wide form: X X^T is then the smaller Gram matrix
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm 1: every singular value <= 1
     for _ in range(steps):
-        gram = x @ x.mT  # (n_matrices, rows, rows)
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+        A = x @ x.T  # (rows, rows)
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -245,26 +247,18 @@ class Muon(torch.optim.Optimizer):
     def step(self) -> None:
         for group in self.param_groups:
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            # Matrices of one shape are orthogonalized together, as one stack: a few larger matrix products
-            # instead of many tiny ones (the default model's 28 matrices come in 4 shapes).
-            by_shape: dict[torch.Size, list[nn.Parameter]] = {}
             for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(p.shape, []).append(p)
-            for (rows, cols), params in by_shape.items():
-                nesterov = []
-                for p in params:
-                    state = self.state[p]
-                    if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - momentum)  # the running mean of gradients
-                    nesterov.append(p.grad.lerp(buf, momentum))  # Nesterov: a step ahead
-                updates = newton_schulz(torch.stack(nesterov), self.ns_dtype)
-                for p, update in zip(params, updates, strict=True):
-                    p.mul_(1 - lr * weight_decay)
-                    # scaled as in Keller Jordan's Muon: a tall w1 moves as much per output as a square wq
-                    p.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)  # the running mean of gradients
+                update = newton_schulz(p.grad.lerp(buf, momentum), self.ns_dtype)  # Nesterov: a step ahead
+                p.mul_(1 - lr * weight_decay)
+                # scaled as in Keller Jordan's Muon: a tall w1 moves as much per output as a square wq
+                p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
 
 
 def is_muon_param(name: str, p: nn.Parameter) -> bool:
@@ -608,6 +602,8 @@ def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, 
             if pos == max_seq_len:  # cache full: slide the window
                 context = [tokens[0], *(tokens[1:] + new_tokens)[-(max_seq_len // 2) :]]
             else:
+                # One token multiplies each weight by a vector: on a CPU, oneDNN's kernel reads bfloat16 weights
+                # slower than PyTorch's own, so it is switched off for this step (docs/llama3.md, "Speed on a CPU").
                 with runtime.cpu_matrix_vector_kernel(seqlen=1):
                     logits, _ = model(next_token.view(1, 1), start_pos=pos)
                 pos += 1
@@ -629,6 +625,8 @@ def last_layer_attention(model: Transformer, tokens: torch.Tensor) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- entry points
+# You may skip from here: LLaMA and its training end above. Below, the command line runs them (train, or load a
+# checkpoint and sample); its flags, checks and reports are plumbing/'s.
 
 DEFAULT_PROMPT = "ROMEO:"
 ATTENTION_LINE = "ROMEO:\nBut soft, what light through yonder window breaks?"

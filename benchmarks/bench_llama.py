@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
 
+from plumbing.llama_fixtures import packaged_llama3_tokenizer  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
@@ -152,7 +153,7 @@ def main() -> None:
         print(json.dumps(measure[args.measure]()))
         return
 
-    tokenizer = args.tokenizer or llama.packaged_llama3_tokenizer()
+    tokenizer = args.tokenizer or packaged_llama3_tokenizer()
     if tokenizer is None or not tokenizer.is_file():
         sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
     with tempfile.TemporaryDirectory() as tmp:

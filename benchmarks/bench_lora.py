@@ -46,6 +46,7 @@ from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # n
 
 import main  # noqa: E402
 from plumbing.llama_files import LLAMA3_ROPE  # noqa: E402
+from plumbing.llama_fixtures import packaged_llama3_tokenizer  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
 
 inputs = importlib.import_module("01_input_block")
@@ -87,16 +88,13 @@ def peft_model_of(model: main.Transformer) -> nn.Module:
         rms_norm_eps=args.norm_eps, max_position_embeddings=131072, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
                          **LLAMA3_ROPE})
-    state_dict = {}
-    for name, tensor in model.state_dict().items():  # Meta's names and row order -> Hugging Face's
-        heads = llama.qk_heads(name, args)
-        state_dict[llama.meta_to_hf_name(name)] = llama.permute_for_hf(tensor, heads) if heads else tensor
+    state_dict = llama.hf_state_dict(model.state_dict(), args)  # Meta's names and row order -> Hugging Face's
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
     hf_model.load_state_dict(state_dict, strict=True, assign=True)
     hf_model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its frequencies are a buffer outside the state dict
     hf_model.tie_weights()
-    targets = [llama.meta_to_hf_name(f"layers.0.{block}.{t}.weight").split(".")[-2]  # "q_proj", ...
+    targets = [llama.rename(f"layers.0.{block}.{t}.weight", llama.META_NAMES).split(".")[-2]  # "q_proj", ...
                for t, block in lora.TARGETS.items()]
     return get_peft_model(hf_model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0))
 
@@ -187,7 +185,7 @@ def main_cli() -> None:
     if args.measure_speed is not None:
         print(json.dumps(measure_speed(args.measure_speed, args.steps)))
         return
-    tokenizer = args.tokenizer or llama.packaged_llama3_tokenizer()
+    tokenizer = args.tokenizer or packaged_llama3_tokenizer()
     if tokenizer is None or not tokenizer.is_file():
         sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,11 +13,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from plumbing import llama_fixtures  # noqa: E402
+
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 
 SHAPES = {  # params.json of Llama 3.2 1B, and a tiny model with the same vocabulary for a smoke test
-    "1b": llama.LLAMA_32_PARAMS["1B"],
-    "tiny": {**llama.LLAMA_32_PARAMS["1B"], "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+    "1b": llama_fixtures.LLAMA_32_PARAMS["1B"],
+    "tiny": {**llama_fixtures.LLAMA_32_PARAMS["1B"], "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
              "multiple_of": 16, "ffn_dim_multiplier": None},
 }
 
@@ -26,8 +28,12 @@ def write_random_llama(path: Path, shape: str, tokenizer: Path) -> int:
     """Random bfloat16 weights with exactly the shape's names and sizes, as Meta ships them (path/meta: params.json,
     consolidated.00.pth with output.weight the same tensor as tok_embeddings.weight) and as Hugging Face's
     conversion makes them (path/hf). Returns the number of parameters (the tied matrix once)."""
-    weights = llama.random_llama(SHAPES[shape], std=0.02, dtype=torch.bfloat16)
-    llama.write_both_layouts(path, weights, SHAPES[shape], tokenizer.read_text())
+    params, tokenizer_model = SHAPES[shape], tokenizer.read_text()
+    weights = llama_fixtures.random_llama(params, std=0.02, dtype=torch.bfloat16)
+    model_args = llama.ModelArgs(**params)
+    llama_fixtures.write_meta_layout(path / "meta", weights, params, tokenizer_model)
+    llama_fixtures.write_hf_layout(path / "hf", llama.hf_state_dict(weights, model_args), params,
+                                   llama.meta_rope_scaling_factor(model_args), tokenizer_model)
     return sum(t.numel() for name, t in weights.items() if name != "output.weight")
 
 

@@ -1,5 +1,5 @@
-"""Chapter 5's command line, kept out of the chapter: its flags and help, the answer printed as it comes,
-and the user's turns read from stdin.
+"""Chapter 5's command line, kept out of the chapter: its flags and help, the user's turns read from stdin, and
+the answers printed as they come, with the speed.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +80,27 @@ def read_user_turns() -> Iterator[str]:
         if not interactive:
             print(f"> {message}")
         yield message
+
+
+def talk(conversation, args: argparse.Namespace) -> None:
+    """--llama-dir DIR: continue --prompt, or answer it (--chat), or converse on stdin (--chat alone), printing each
+    answer as it comes, then the speed. conversation: chapter 5's Conversation."""
+    tokenizer = conversation.tokenizer
+    if args.chat:
+        if args.prompt is not None:
+            print(f"> {args.prompt}")
+        turns = [args.prompt] if args.prompt is not None else read_user_turns()
+    else:
+        turns = [args.prompt if args.prompt is not None else "The capital of France is"]
+    n_new, seconds = 0, 0.0
+    for message in turns:
+        t0 = time.perf_counter()
+        if args.chat:
+            n_new += print_tokens(tokenizer, conversation.reply(message, args.max_new_tokens))
+        else:
+            print(message, end="")
+            n_new += print_tokens(tokenizer, conversation.generate(tokenizer.encode(message, bos=True),
+                                                                   args.max_new_tokens))
+        seconds += time.perf_counter() - t0
+    print(f"{n_new} new tokens in {seconds:.1f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s); "
+          f"{conversation.pos} tokens in the KV cache", file=sys.stderr)

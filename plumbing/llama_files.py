@@ -4,13 +4,16 @@
 - `read_params_json`, `map_consolidated_pth`: Meta's layout.
 - `read_config_json`, `map_safetensors`: Hugging Face's layout (one file, or the shards its index lists).
 - `checked`, `check_names_and_shapes`: the sizes are positive integers, and the weights fit them.
-- `read_tokenizer_json` (with `byte_level_alphabet`): the BPE ranks of a tokenizer.json, for tiktoken.
+- `read_tokenizer_model`, `read_tokenizer_json` (with `byte_level_alphabet`): the BPE ranks of a tokenizer.model or
+  a tokenizer.json, for tiktoken, and the special tokens that a tokenizer.json names.
 - `read_json`: any of these JSON files, with one error line for a missing or broken one.
 Tensors are memory-mapped: loading reads the file's index, and the bytes come from disk when first used.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +160,25 @@ def check_names_and_shapes(state_dict: dict, expected: dict[str, torch.Tensor], 
                              f"needs {tuple(expected[name].shape)}")
 
 
+def read_tokenizer_model(path: Path) -> dict[bytes, int]:
+    """Meta's tokenizer.model: one token per line, its bytes in base64, then its rank (a lower rank is a merge
+    learned earlier, so BPE applies it first). It lists the BPE tokens only, not the special tokens.
+
+    Raises:
+        ValueError: the file is not in this format.
+    """
+    ranks = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as e:
+            raise ValueError(f"{path} is not a tiktoken BPE file (line {n}: {line[:40]!r})") from e
+    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+        raise ValueError(f"{path} is not a tiktoken BPE file (its ranks are not 0 .. n-1, or it lacks the 256 bytes)")
+    return ranks
+
+
 def byte_level_alphabet() -> dict[str, int]:
     """GPT-2's spelling of bytes as printable characters, which tokenizer.json uses: character -> byte.
     The 188 printable bytes stand for themselves, the 68 others for chr(256), chr(257), ... in order."""
@@ -165,12 +187,14 @@ def byte_level_alphabet() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
-def read_tokenizer_json(path: Path, special_tokens: list[str]) -> dict[bytes, int]:
-    """The BPE ranks in Hugging Face's tokenizer.json: its ids, each token's bytes spelled back from GPT-2's
-    alphabet. Its added tokens must be `special_tokens`, numbered after the ranks.
+def read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """The BPE ranks in Hugging Face's tokenizer.json (its ids, each token's bytes spelled back from GPT-2's
+    alphabet), and its special tokens by name. Their names differ from release to release (Llama 3.0 has no
+    <|eom_id|>; Hugging Face's 3.1 and 3.2 files call 128005 and 128011 reserved), so they are read, not assumed;
+    their ids must follow the ranks, one each.
 
     Raises:
-        ValueError: not a byte-level BPE tokenizer.json with these special tokens.
+        ValueError: not a byte-level BPE tokenizer.json, or its special tokens' ids are misplaced.
     """
     data = read_json(path)
     vocab, alphabet = data.get("model", {}).get("vocab"), byte_level_alphabet()
@@ -180,7 +204,10 @@ def read_tokenizer_json(path: Path, special_tokens: list[str]) -> dict[bytes, in
         raise ValueError(f"{path} holds no byte-level BPE vocabulary ({e!r})") from e
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: its vocabulary's ids are not 0 .. n-1")
-    added = {t.get("content"): t.get("id") for t in data.get("added_tokens", []) if isinstance(t, dict)}
-    if any(added.get(token) != len(ranks) + i for i, token in enumerate(special_tokens)):
-        raise ValueError(f"{path}: its special tokens are not Llama 3's ({special_tokens[0]} = {len(ranks)}, ...)")
-    return ranks
+    added = [(t.get("content"), t.get("id")) for t in data.get("added_tokens", []) if isinstance(t, dict)]
+    special_tokens = dict(added)
+    ids = sorted(i for _, i in added if isinstance(i, int))
+    if len(special_tokens) != len(added) or ids != list(range(len(ranks), len(ranks) + len(added))):
+        raise ValueError(f"{path}: its special tokens are misplaced: their ids must be {len(ranks)}, "
+                         f"{len(ranks) + 1}, ..., one each, right after the {len(ranks):,} BPE tokens")
+    return ranks, special_tokens

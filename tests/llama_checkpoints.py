@@ -60,7 +60,7 @@ def meta_state_dict(model: LlamaForCausalLM, output: str = "shared") -> dict[str
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        meta_name = llama.hf_to_meta_name(name)
+        meta_name = llama.rename(name, llama.HF_NAMES)
         if meta_name.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = config.num_attention_heads if "wq" in meta_name else config.num_key_value_heads
             order = permute_meta_to_hf(torch.arange(tensor.shape[0]).view(-1, 1), heads).view(-1)
@@ -105,12 +105,26 @@ def write_hf_layout(path: Path, model: LlamaForCausalLM, tokenizer: Path, sharde
     return path
 
 
-def write_tokenizer_json(tokenizer_model: Path, path: Path) -> Path:
-    """Hugging Face's tokenizer.json for Meta's tokenizer.model, as transformers' converter writes it."""
+# The special tokens' names in Hugging Face's tokenizer.json files, which differ from llama-models' (chapter 5's
+# LLAMA3_SPECIAL_TOKENS): in Llama 3.1 and 3.2, 128005 and 128011 are reserved tokens and the numbering of the
+# reserved ones runs on from there; Llama 3.0 has no <|eom_id|>, <|python_tag|> or <|finetune_right_pad_id|>.
+HF_SPECIAL_TOKENS = {
+    "3.1": ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 248))],
+    "3.0": ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+            "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+            *(f"<|reserved_special_token_{i}|>" for i in range(5, 251))],
+}
+
+
+def write_tokenizer_json(tokenizer_model: Path, path: Path, special_tokens: list[str] | None = None) -> Path:
+    """Hugging Face's tokenizer.json for Meta's tokenizer.model, as transformers' converter writes it, with these
+    special tokens (default: llama-models' names)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     converter = TikTokenConverter(vocab_file=str(tokenizer_model), pattern=llama.LLAMA3_PAT_STR,
-                                  extra_special_tokens=llama.LLAMA3_SPECIAL_TOKENS)
+                                  extra_special_tokens=special_tokens or llama.LLAMA3_SPECIAL_TOKENS)
     converter.converted().save(str(path))
     return path
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from conftest import cli_error
 from llama_checkpoints import (
+    HF_SPECIAL_TOKENS,
     hf_config,
     hf_reference,
     permute_meta_to_hf,
@@ -33,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM
 
 import main
+from plumbing.llama_fixtures import LLAMA_32_PARAMS, packaged_llama3_tokenizer
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 precompute_freqs_cis = importlib.import_module("02_normalization_and_rope").precompute_freqs_cis
@@ -83,7 +85,7 @@ def checkpoints(tmp_path_factory, byte_tokenizer) -> dict[str, tuple[Path, Llama
 @pytest.fixture(scope="module")
 def real_tokenizer() -> Path:
     """Meta's real tokenizer.model, as the llama-models package ships it (requirements-test.txt)."""
-    path = llama.packaged_llama3_tokenizer()
+    path = packaged_llama3_tokenizer()
     assert path is not None, "install requirements-test.txt: llama-models ships Meta's tokenizer.model"
     return path
 
@@ -172,28 +174,53 @@ def test_llama3_special_token_names_in_text_are_ordinary_text(llama3_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory, real_tokenizer) -> Path:
-    return write_tokenizer_json(real_tokenizer, tmp_path_factory.mktemp("tokenizer_json") / "tokenizer.json")
+def tokenizer_jsons(tmp_path_factory, real_tokenizer) -> dict[str, Path]:
+    """tokenizer.json for Meta's tokenizer.model in llama-models' naming and in Hugging Face's for 3.1/3.2 and 3.0."""
+    root = tmp_path_factory.mktemp("tokenizer_json")
+    namings = {"llama-models": None, **HF_SPECIAL_TOKENS}
+    return {name: write_tokenizer_json(real_tokenizer, root / f"{name}.json", special_tokens)
+            for name, special_tokens in namings.items()}
 
 
-def test_tokenizer_json_gives_the_ranks_of_tokenizer_model(llama3_tokenizer, tokenizer_json):
-    from_json = llama.Llama3Tokenizer(tokenizer_json)
+@pytest.mark.parametrize("naming", ["llama-models", "3.1", "3.0"])
+def test_tokenizer_json_gives_the_ranks_and_the_special_tokens_by_role(llama3_tokenizer, tokenizer_jsons, naming):
+    from_json = llama.Llama3Tokenizer(tokenizer_jsons[naming])
     assert from_json.model._mergeable_ranks == llama3_tokenizer.model._mergeable_ranks
-    assert from_json.special_tokens == llama3_tokenizer.special_tokens
+    assert (from_json.bos_id, from_json.eos_id, from_json.eot_id) == (128000, 128001, 128009)
+    assert from_json.special_tokens["<|start_header_id|>"] == 128006 and from_json.vocab_size == 128256
+    if naming == "3.0":  # no <|eom_id|>, no padding token
+        assert (from_json.eom_id, from_json.pad_id, from_json.stop_ids) == (None, None, {128001, 128009})
+    else:
+        assert (from_json.eom_id, from_json.pad_id, from_json.stop_ids) == (128008, 128004, {128001, 128008, 128009})
+    assert (from_json.special_tokens == llama3_tokenizer.special_tokens) == (naming == "llama-models")
     text = random_unicode(random.Random(1), 2000)
     assert from_json.encode(text, bos=True) == llama3_tokenizer.encode(text, bos=True)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Romeo?"}]
+    assert from_json.encode_dialog_prompt(dialog) == llama3_tokenizer.encode_dialog_prompt(dialog)
 
 
-def test_tokenizer_files_that_are_not_llama_3s_are_refused(tmp_path, tokenizer_json):
+def test_tokenizer_files_that_are_not_llama_3s_are_refused(tmp_path, tokenizer_jsons):
     bad = tmp_path / "tokenizer.model"
     bad.write_text('{"not": "a tiktoken file"}\n')
     with pytest.raises(ValueError, match="not a tiktoken BPE file"):
         llama.Llama3Tokenizer(bad)
-    data = json.loads(tokenizer_json.read_text())
-    data["added_tokens"] = data["added_tokens"][1:]
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="special tokens are not Llama 3's"):
-        llama.Llama3Tokenizer(tmp_path / "tokenizer.json")
+    data = json.loads(tokenizer_jsons["3.1"].read_text())
+
+    def refused(added_tokens: list[dict]) -> str:
+        (tmp_path / "tokenizer.json").write_text(json.dumps({**data, "added_tokens": added_tokens}))
+        with pytest.raises(ValueError) as e:
+            llama.Llama3Tokenizer(tmp_path / "tokenizer.json")
+        return str(e.value)
+
+    added = data["added_tokens"]
+    eot_renamed = [{**t, "content": "<|end_of_turn|>"} if t["content"] == "<|eot_id|>" else t for t in added]
+    assert "has no <|eot_id|>: Llama 3's chat format needs them" in refused(eot_renamed)
+    without_headers = [t for t in added if "header" not in t["content"]]  # and a gap at 128006
+    assert "misplaced" in refused(without_headers)
+    inside_the_ranks = [{**t, "id": t["id"] - 1} if t["content"] == "<|begin_of_text|>" else t for t in added]
+    assert "misplaced: their ids must be 128000, 128001, ..., one each" in refused(inside_the_ranks)
+    twice = [*added[:-1], {**added[-1], "content": "<|eot_id|>"}]  # one name for two ids
+    assert "misplaced" in refused(twice)
 
 
 # ----------------------------------------------------------------------------- logits against transformers
@@ -245,7 +272,7 @@ def test_meta_layout_of_llama_32_1b_and_3b_gets_factor_32_end_to_end(tmp_path, r
     for Llama 3.2 (factor 32). The weights are stride-0 tensors: real shapes, a file of a few kilobytes."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = llama.LLAMA_32_PARAMS[size]
+    params = LLAMA_32_PARAMS[size]
     model, _ = llama.load_llama(write_meta_shape(tmp_path / size, params, real_tokenizer), max_seq_len=SEQLEN,
                                 log=SILENT)
     config = hf_config(vocab_size=params["vocab_size"], n_heads=params["n_heads"], n_kv_heads=params["n_kv_heads"],
@@ -389,12 +416,23 @@ def test_hf_permutation_round_trips():
     assert torch.equal(llama.unpermute_hf(w, 4, torch.bfloat16), llama.unpermute_hf(w, 4).to(torch.bfloat16))
 
 
-def test_a_directory_with_tokenizer_json_only_loads(checkpoints, tmp_path, real_tokenizer, tokenizer_json, capsys):
+@pytest.mark.parametrize("naming", ["3.1", "3.0"])
+def test_a_directory_with_tokenizer_json_only_loads_and_chats_as_with_tokenizer_model(tmp_path, real_tokenizer,
+                                                                                      tokenizer_jsons, naming):
+    """Many re-uploads of Llama 3.2 ship Hugging Face's tokenizer.json, in Hugging Face's naming, and no
+    tokenizer.model: the same weights then load, give transformers' logits, and chat token for token the same."""
     reference = hf_reference(hf_config(vocab_size=128256), seed=3)
-    path = write_hf_layout(tmp_path / "reupload", reference, real_tokenizer, tokenizer_in_original=True)
-    shutil.rmtree(path / "original")
-    shutil.copy(tokenizer_json, path / "tokenizer.json")
-    model, tokenizer = llama.load_llama(path, max_seq_len=SEQLEN, log=SILENT)
+    with_model = write_hf_layout(tmp_path / "with_model", reference, real_tokenizer)
+    json_only = write_hf_layout(tmp_path / "json_only", reference, real_tokenizer, tokenizer_in_original=True)
+    shutil.rmtree(json_only / "original")
+    shutil.copy(tokenizer_jsons[naming], json_only / "tokenizer.json")
+    chats = []
+    for path in (with_model, json_only):
+        model, tokenizer = llama.load_llama(path, max_seq_len=SEQLEN, log=SILENT)
+        conversation = llama.Conversation(model, tokenizer, system="Be brief.", temperature=0)
+        answers = [list(conversation.reply(message, 6)) for message in ("Who is Romeo?", "And Juliet?")]
+        chats.append((answers, conversation.tokens))
+    assert chats[0] == chats[1] and all(len(answer) >= 1 for answer in chats[1][0])
     assert tokenizer.encode("Hello", bos=True) == [128000, 9906]
     tokens = random_tokens(128256)
     with torch.no_grad():
@@ -597,7 +635,7 @@ def test_cli_prints_a_character_split_over_two_tokens_whole(checkpoints, monkeyp
 
 
 def test_the_demo_runs_without_llama_models(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(llama, "packaged_llama3_tokenizer", lambda: None)
+    monkeypatch.setattr(llama.llama_fixtures, "packaged_llama3_tokenizer", lambda: None)
     llama.main(["--fig-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "output.weight is tok_embeddings.weight: True" in out

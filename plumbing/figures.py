@@ -1,0 +1,41 @@
+"""The figures of chapters 5 to 7, drawn from the numbers each chapter's demo computes. Matplotlib only: nothing
+here is about LLaMA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def draw_llama3_weights(logits: dict[str, torch.Tensor], counts: dict[str, int], fig_dir: Path) -> Path:
+    """Chapter 5's figure. Left: the logits of Hugging Face's layout against Meta's, with and without undoing the
+    reordering. Right: where Llama 3.2 1B's parameters are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    meta = logits["meta"].flatten()
+    left.scatter(meta, logits["hf_as_stored"].flatten(), s=2, alpha=0.3, color="tab:red",
+                 label="Hugging Face's file, wq and wk taken as stored")
+    left.scatter(meta, logits["hf"].flatten(), s=2, color="tab:blue", label="Hugging Face's file, unpermute_hf")
+    left.set(title="The same random weights in two layouts: logits of a tiny Llama 3",
+             xlabel="logit, loaded from Meta's layout", ylabel="logit, loaded from Hugging Face's layout")
+    left.legend(markerscale=6)
+    total = sum(counts.values())
+    bars = right.barh(list(counts), [c / 1e6 for c in counts.values()], color=["tab:green", "tab:blue", "tab:orange",
+                                                                                 "tab:gray"])
+    right.bar_label(bars, [f"{c / 1e6:,.1f}M ({c / total:.0%})" for c in counts.values()], padding=3)
+    right.invert_yaxis()
+    right.set_xlim(0, max(counts.values()) / 1e6 * 1.35)
+    right.set(title=f"Llama 3.2 1B: {total:,} parameters, output tied\n({2 * total / 1e9:.2f} GB in bfloat16; "
+                    f"an untied output would add {counts['embedding = output'] / 1e6:,.0f}M)",
+              xlabel="parameters (millions)")
+    fig.tight_layout()
+    path = fig_dir / "05_llama3_weights.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
