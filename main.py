@@ -370,6 +370,7 @@ class RunState:
     step: int = 0
     best_val: float = float("inf")
     loss_log: list[dict] = field(default_factory=list)  # one row per evaluation
+    train_losses: list[float] = field(default_factory=list)  # every step's loss on its batch (this rank's)
     last_eval: int = -1  # the step of the latest evaluation, so that a resumed run does not repeat it
 
 
@@ -435,6 +436,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: str, t_s
             if bad_loss:
                 raise diverged(run, loss)
             state.step += 1
+            state.train_losses.append(loss)
             progress.update(state.step, loss, lrs, seconds)
             if signum:
                 save_run(run)

@@ -8,12 +8,13 @@ Nothing here is about LLaMA. A checkpoint is one dict, saved atomically (`runtim
     model_args      ModelArgs as a dict
     train_config    TrainConfig as a dict
     tokenizer       the character vocabulary (CharTokenizer.to_dict)
-    step, best_val_loss, loss_log
+    step, best_val_loss, loss_log, train_losses (every step's loss on its batch)
     rng             {"torch": the global RNG, "cuda": every GPU's RNG, "data": every rank's batch stream}
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -78,6 +79,7 @@ def save_run(run, best: bool = False) -> None:
             "model_args": asdict(run.model_args), "train_config": asdict(run.cfg),
             "tokenizer": run.tokenizer.to_dict(),
             "step": run.state.step, "best_val_loss": run.state.best_val, "loss_log": run.state.loss_log,
+            "train_losses": run.state.train_losses,
             "rng": {"torch": torch.get_rng_state(), "data": data_states,
                     "cuda": torch.cuda.get_rng_state_all() if run.device_type == "cuda" else []},
         }
@@ -98,6 +100,7 @@ def restore_run(checkpoint: dict, run) -> None:
         optimizer.load_state_dict(saved)
     state.step, state.best_val, state.loss_log = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["loss_log"]
     state.last_eval = state.loss_log[-1]["step"] if state.loss_log else -1
+    state.train_losses = checkpoint.get("train_losses", [math.nan] * state.step)  # older checkpoints lack them
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if run.device_type == "cuda" and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])

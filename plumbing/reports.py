@@ -12,12 +12,14 @@ import numpy as np
 import torch
 
 
-def write_loss_log(log: list[dict], lr_at: Callable[[int], dict[str, float]], out_dir: Path) -> None:
-    """out_dir/loss.csv (pandas) and out_dir/loss.png (matplotlib): train and val loss at each evaluation, and
-    each optimizer's learning rate at every step.
+def write_loss_log(log: list[dict], train_losses: list[float], lr_at: Callable[[int], dict[str, float]],
+                   out_dir: Path) -> None:
+    """out_dir/loss.csv (pandas): train and val loss at each evaluation. out_dir/loss.png (matplotlib): those, every
+    step's loss on its batch, and each optimizer's learning rate at every step.
 
     Args:
         log: one dict per evaluation: step, tokens, lr (AdamW's), train_loss, val_loss.
+        train_losses: the loss of every step's batch, from step 0.
         lr_at: step -> {optimizer name: learning rate}.
     """
     import matplotlib
@@ -29,8 +31,10 @@ def write_loss_log(log: list[dict], lr_at: Callable[[int], dict[str, float]], ou
     df = pd.DataFrame(log)
     df.to_csv(out_dir / "loss.csv", index=False)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(df["step"], df["train_loss"], marker="o", ms=3, label="train")
-    ax.plot(df["step"], df["val_loss"], marker="o", ms=3, label="val")
+    ax.plot(np.arange(len(train_losses)), train_losses, color="tab:blue", alpha=0.3, lw=0.8,
+            label="train, each step's batch")
+    ax.plot(df["step"], df["train_loss"], marker="o", ms=3, color="tab:blue", label="train (evaluation)")
+    ax.plot(df["step"], df["val_loss"], marker="o", ms=3, color="tab:orange", label="val (evaluation)")
     ax.set(title="LLaMA 3 on Tiny Shakespeare", xlabel="step", ylabel="cross-entropy loss (nats per character)")
     ax.grid(alpha=0.3)
     tokens_per_step = df["tokens"].iloc[-1] / max(1, df["step"].iloc[-1])
@@ -66,11 +70,12 @@ def report_run(run, final_val: float, sample: str, args, tokens_per_s: float, t_
                lr_at: Callable[[int], dict[str, float]]) -> None:
     """The end of a training run on rank 0: loss.csv and loss.png, the final figures and the sample on stdout,
     then metrics.json. run: main.Run; args: main.py's flags (the sample's prompt and settings)."""
-    write_loss_log(run.state.loss_log, lr_at, run.out_dir)
+    write_loss_log(run.state.loss_log, run.state.train_losses, lr_at, run.out_dir)
     print(f"final val loss (whole val split) {final_val:.4f}; {tokens_per_s:,.0f} train tokens/s")
     print(f"wrote {run.out_dir / 'ckpt.pt'}, {run.out_dir / 'loss.csv'}, {run.out_dir / 'loss.png'}")
     print(f"\n--- sample (temperature {args.temperature}, top-p {args.top_p}) ---\n{args.prompt}{sample}")
     metrics = {"final_val_loss": final_val, "final_train_loss": run.state.loss_log[-1]["train_loss"],
+               "train_losses": run.state.train_losses,
                "train_tokens_per_s": tokens_per_s, "wall_s": time.perf_counter() - t_start,
                "params": sum(p.numel() for p in run.raw_model.parameters()), "iters": run.state.step,
                "device": run.device, "dtype": run.dtype}

@@ -109,7 +109,8 @@ def cli_error(argv: list, entry: Callable[[list[str]], None] = main.main) -> str
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
-    """Two checkpoints, bit for bit: every weight, every optimizer tensor, the step and the loss log."""
+    """Two checkpoints, bit for bit: every weight, every optimizer tensor, the step, the loss log and every step's
+    loss."""
     assert a["step"] == b["step"]
     assert a["model"].keys() == b["model"].keys()
     for name, value in b["model"].items():
@@ -118,4 +119,4 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         for i, state in optimizer_b["state"].items():
             for key, value in state.items():
                 assert torch.equal(optimizer_a["state"][i][key], value), (i, key)
-    assert a["loss_log"] == b["loss_log"]
+    assert a["loss_log"] == b["loss_log"] and a["train_losses"] == b["train_losses"]

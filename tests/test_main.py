@@ -602,7 +602,8 @@ def test_cli_trains_samples_and_resumes(tmp_path, tiny_corpus, capsys, tokenizer
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["iters"] == 5 and math.isfinite(metrics["final_val_loss"])
     checkpoint = torch.load(out_dir / "ckpt.pt", weights_only=True)
-    assert checkpoint["step"] == 5
+    assert checkpoint["step"] == 5 and len(metrics["train_losses"]) == 5
+    assert metrics["train_losses"] == checkpoint["train_losses"] and all(map(math.isfinite, metrics["train_losses"]))
     assert set(checkpoint["model"]) == meta_keys(1)
     assert checkpoint["tokenizer"] == tokenizer.to_dict()
 
@@ -623,5 +624,7 @@ def test_cli_trains_samples_and_resumes(tmp_path, tiny_corpus, capsys, tokenizer
     # --resume: --max-iters is the total, so 5 more steps to reach 10.
     main.main([*common, "--resume", "--max-iters", "10"])
     capsys.readouterr()
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["step"] == 10
+    resumed = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 10 and resumed["train_losses"][:5] == checkpoint["train_losses"]
+    assert len(resumed["train_losses"]) == 10
     assert pd.read_csv(out_dir / "loss.csv")["step"].tolist() == [0, 5, 10]
