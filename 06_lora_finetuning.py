@@ -146,7 +146,7 @@ def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str]
     model.requires_grad_(False)
     for name, linear in linears.items():
         parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, LoRALinear(linear, rank, alpha))
+        setattr(model.get_submodule(parent), attr, LoRALinear(linear, rank=rank, alpha=alpha))
     return model
 
 
