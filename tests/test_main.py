@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -230,20 +229,14 @@ def test_learning_rates_name_each_optimizer_with_its_own_peak():
     assert main.learning_rates(10, main.configure_optimizer(model, cfg, "cpu"), cfg) == {"adamw": 8e-3, "muon": 0.015}
 
 
-def test_our_muon_is_torch_optim_muon_around_a_readable_newton_schulz(monkeypatch):
-    """Ours computes torch.optim.Muon's step (momentum, Nesterov, the update scale, the weight decay) around a
-    Newton-Schulz written in its readable form, in a dtype of our choice. With torch's Newton-Schulz replaced by
-    ours, the two optimizers agree bit for bit on every matrix; and ours in float32 gives torch's Newton-Schulz (always
-    bfloat16) up to bfloat16's rounding."""
-    torch_muon = importlib.import_module("torch.optim._muon")
-    torchs_newton_schulz = torch_muon._zeropower_via_newtonschulz
-    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz",
-                        lambda grad, coefficients, steps, eps: main.newton_schulz(grad, torch.float32, steps, eps))
+def test_our_muon_in_bfloat16_is_torch_optim_muon_bit_for_bit():
+    """Ours only adds the choice of the Newton-Schulz dtype: in bfloat16 it must be torch.optim.Muon exactly,
+    momentum, Nesterov, the tall/wide handling, the update scale and the weight decay included, for every matrix."""
     torch.manual_seed(0)
     shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (24, 8)]
     ours = [nn.Parameter(torch.randn(shape)) for shape in shapes]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
-    opt_ours = main.Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
+    opt_ours = main.Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
     opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
     for _ in range(3):
         for p, q in zip(ours, theirs, strict=True):
@@ -253,13 +246,11 @@ def test_our_muon_is_torch_optim_muon_around_a_readable_newton_schulz(monkeypatc
         opt_theirs.step()
         for p, q in zip(ours, theirs, strict=True):
             assert torch.equal(p, q)
-    for shape in [(24, 8), (8, 24), (16, 16)]:
-        g = torch.randn(shape)
-        ours = main.newton_schulz(g, torch.float32)
-        reference = torchs_newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
-        torch.testing.assert_close(ours, reference, atol=0.03, rtol=0)  # (entries up to about 0.7)
-        torch.testing.assert_close(main.newton_schulz(g, torch.bfloat16).float(), ours, atol=0.06, rtol=0)
-        singular_values = torch.linalg.svdvals(ours)
+    # float32 Newton-Schulz (our CPU default) is the same update up to bfloat16's rounding
+    for g in (ours[0].grad, ours[1].grad, ours[3].grad):
+        fp32 = main.newton_schulz(g, torch.float32)
+        torch.testing.assert_close(main.newton_schulz(g, torch.bfloat16).float(), fp32, atol=0.03, rtol=0)
+        singular_values = torch.linalg.svdvals(fp32)
         assert singular_values.min() > 0.5 and singular_values.max() < 1.3  # orthogonalized: all near 1
 
 
