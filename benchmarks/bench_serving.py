@@ -251,7 +251,8 @@ def report(runs: dict[str, list[dict]], save: dict | None, agreement: dict, char
           f"--int8 on the fly {command_rss['int8-on-the-fly']:.2f} GB"
           + (f"; --save-int8 {save['peak_rss_gb']:.2f} GB" if save else ""))
     print(f"  logits over {agreement['positions']} positions, int8 against bfloat16: cosine "
-          f"{agreement['cosine_mean']:.5f} (min {agreement['cosine_min']:.5f}; target >= 0.999), same top token {agreement['top1_agreement']:.1%}")
+          f"{agreement['cosine_mean']:.5f} (min {agreement['cosine_min']:.5f}; target >= 0.999), same top token "
+          f"{agreement['top1_agreement']:.1%}")
     if char:
         print(f"  main.py's model, whole val split: float32 {char['val_loss_float32']:.4f}, int8 "
               f"{char['val_loss_int8']:.4f} ({char['change']:+.4f} nats; target |change| <= 0.01)")
