@@ -64,7 +64,7 @@ from torch import nn
 from main import ModelArgs, Transformer, generate_tokens, sample_next
 from plumbing import llama_files, llama_fixtures, serving
 from plumbing.figures import draw_serving
-from plumbing.runtime import cpu_matrix_vector_kernel, exit_on_error, pick_device
+from plumbing.runtime import cpu_batch_kernels, exit_on_error, pick_device
 from plumbing.validators import check_sampling
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
@@ -128,7 +128,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
         prev_pos = 0
         for cur_pos in range(int(lengths.min()), total_len):
             chunk = tokens[rows, prev_pos:cur_pos].to(device)  # (len(rows), cur_pos - prev_pos)
-            with cpu_matrix_vector_kernel(chunk.shape[1]):
+            with cpu_batch_kernels(chunk.numel()):  # the fastest CPU kernels for this many tokens
                 logits, _ = model(chunk, start_pos=prev_pos)  # (len(rows), cur_pos - prev_pos, vocab_size)
             next_token = sample_next(logits[:, -1], temperature, top_p, generator).view(-1).cpu()  # (len(rows),)
             next_token = torch.where(is_prompt[rows, cur_pos], tokens[rows, cur_pos], next_token)
@@ -365,15 +365,12 @@ def tokens_per_s(model: Transformer, batch_sizes: list[int], new_tokens: int = 4
     """New tokens per second of generate_batch, all rows together, at each batch size: prompts of one token, so
     that every step feeds one position of each row. One batch first warms up."""
     generate_batch(model, [[1]], 2, set(), temperature=0)
-    return {bsz: bsz * new_tokens / timed(generate_batch, model, [[1]] * bsz, new_tokens, set(), 0)
-            for bsz in batch_sizes}
-
-
-def timed(f: Callable, *args) -> float:
-    """The seconds that f(*args) takes."""
-    t0 = time.perf_counter()
-    f(*args)
-    return time.perf_counter() - t0
+    speeds = {}
+    for bsz in batch_sizes:
+        t0 = time.perf_counter()
+        generate_batch(model, [[1]] * bsz, new_tokens, set(), temperature=0)
+        speeds[bsz] = bsz * new_tokens / (time.perf_counter() - t0)
+    return speeds
 
 
 def demo(fig_dir: Path) -> None:
@@ -388,14 +385,8 @@ def demo(fig_dir: Path) -> None:
         errors = demo_int8(model, Path(tmp), path / "tokenizer.model")
     # Speed needs weights that stream from memory, as a real model's do: one block of Llama 3.2 1B's shape
     # (61M parameters) and an 8,192-token vocabulary, random bfloat16 weights.
-    with torch.device("meta"):
-        model = Transformer(ModelArgs(**{**llama_fixtures.LLAMA_32_PARAMS["1B"], "n_layers": 1, "vocab_size": 8192},
-                                      max_seq_len=16)).to(torch.bfloat16)
-    model = model.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(std=0.02) if p.dim() == 2 else p.fill_(1.0)
-    model.output.weight = model.tok_embeddings.weight
+    wide = {**llama_fixtures.LLAMA_32_PARAMS["1B"], "n_layers": 1, "vocab_size": 8192}
+    model = llama_fixtures.random_tied_model(ModelArgs(**wide, max_seq_len=16), std=0.02, dtype=torch.bfloat16)
     batch_sizes = [1, 2, 4, 8, 16]
     speeds = {"bfloat16": tokens_per_s(model, batch_sizes)}
     speeds["int8"] = tokens_per_s(quantize_int8(model), batch_sizes)

@@ -93,8 +93,9 @@ def measure_command(path: Path, weights: str, n: int) -> dict:
 
 
 def measure_save(path: Path) -> dict:
+    t0 = time.perf_counter()
     serving.main(["--llama-dir", str(path / "meta"), "--save-int8", str(path / "int8")])
-    return {"peak_rss_gb": peak_rss() / 1e9}
+    return {"peak_rss_gb": peak_rss() / 1e9, "seconds": time.perf_counter() - t0}
 
 
 def text_tokens(tokenizer: llama.Llama3Tokenizer, n: int) -> list[int]:
@@ -115,22 +116,29 @@ def measure_agreement(path: Path, n: int) -> dict:
 
 
 def measure_char_model(ckpt: Path, data: Path | None) -> dict:
-    """main.py's character model over its whole val split, float32 against int8 (computed in float32)."""
+    """main.py's character model over its whole val split, float32 against int8 (computed in float32), and the
+    logits of its first 32 val windows."""
     checkpoint = main.load_checkpoint(ckpt)
     tokenizer = main.inputs.CharTokenizer.from_dict(checkpoint["tokenizer"])
     text = main.inputs.load_text(data)
     val = main.inputs.train_val_split(np.array(tokenizer.encode(text), dtype=np.int64))[1]
     model = main.model_from_checkpoint(checkpoint)
+    seq_len = model.params.max_seq_len
+    windows = main.inputs.inputs_for(torch.from_numpy(val[: 32 * seq_len]).view(32, seq_len), tokenizer.bos_id)
 
-    def val_loss() -> float:
-        return main.evaluate_split(model, val, model.params.max_seq_len, tokenizer.bos_id, 32, "cpu", nullcontext())
+    def val_loss_and_logits() -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(windows)[0]  # (32, seq_len, vocab_size)
+        return main.evaluate_split(model, val, seq_len, tokenizer.bos_id, 32, "cpu", nullcontext()), logits
 
-    before = val_loss()
+    before, float32 = val_loss_and_logits()
     serving.quantize_int8(model)
     t0 = time.perf_counter()
-    after = val_loss()
+    after, int8 = val_loss_and_logits()
+    cosine = torch.nn.functional.cosine_similarity(float32, int8, dim=-1)
     return {"ckpt": str(ckpt), "val_loss_float32": before, "val_loss_int8": after, "change": after - before,
-            "int8_eval_s": time.perf_counter() - t0}
+            "int8_eval_s": time.perf_counter() - t0, "cosine_mean": cosine.mean().item(),
+            "top1_agreement": (float32.argmax(-1) == int8.argmax(-1)).float().mean().item()}
 
 
 def child(what: str, path: Path, args: argparse.Namespace, weights: str = "", batch: int = 1) -> dict:
@@ -249,13 +257,14 @@ def report(runs: dict[str, list[dict]], save: dict | None, agreement: dict, char
     print(f"  peak RSS of the command: bfloat16 directory {command_rss['bf16']:.2f} GB, int8 directory "
           f"{command_rss['int8']:.2f} GB ({targets['int8_dir_over_bf16_dir_command_rss']:.2f}x, target <= 0.6), "
           f"--int8 on the fly {command_rss['int8-on-the-fly']:.2f} GB"
-          + (f"; --save-int8 {save['peak_rss_gb']:.2f} GB" if save else ""))
+          + (f"; --save-int8 {save['peak_rss_gb']:.2f} GB, {save['seconds']:.0f} s" if save else ""))
     print(f"  logits over {agreement['positions']} positions, int8 against bfloat16: cosine "
           f"{agreement['cosine_mean']:.5f} (min {agreement['cosine_min']:.5f}; target >= 0.999), same top token "
           f"{agreement['top1_agreement']:.1%}")
     if char:
         print(f"  main.py's model, whole val split: float32 {char['val_loss_float32']:.4f}, int8 "
-              f"{char['val_loss_int8']:.4f} ({char['change']:+.4f} nats; target |change| <= 0.01)")
+              f"{char['val_loss_int8']:.4f} ({char['change']:+.4f} nats; target |change| <= 0.01); logits of 32 val "
+              f"windows: cosine {char['cosine_mean']:.5f}, same top character {char['top1_agreement']:.1%}")
     print(json.dumps(result))
 
 

@@ -15,7 +15,7 @@ from conftest import cli_error
 from safetensors.torch import load_file, save_file
 
 import main
-from plumbing import llama_fixtures
+from plumbing import llama_fixtures, runtime
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 serving = importlib.import_module("07_batching_and_int8")
@@ -88,13 +88,16 @@ def test_each_row_stops_at_its_own_stop_token_and_leaves_the_others_unchanged(ti
 
 def test_finished_rows_leave_the_batch(tiny_dirs, monkeypatch):
     model = load(tiny_dirs["tied"])
-    rows = []
+    rows, onednn = [], []
     forward = main.Transformer.forward
     monkeypatch.setattr(main.Transformer, "forward", lambda self, tokens, *args, **kwargs: (
-        rows.append(tokens.shape[0]), forward(self, tokens, *args, **kwargs))[1])
+        rows.append(tokens.shape[0]), onednn.append(torch.backends.mkldnn.enabled),
+        forward(self, tokens, *args, **kwargs))[2])
     serving.generate_batch(model, prompts_of((2, 2, 6)), 3, set(), temperature=0)
     # positions 0-1 of all three, then 2, 3 and 4, where the short rows have their third token; then the long row
     assert rows == [3, 3, 3, 1, 1, 1, 1]
+    # oneDNN's matrix kernel for several rows; PyTorch's matrix-vector kernel for one token (chapter 5)
+    assert onednn == [n > 1 for n in rows] and torch.backends.mkldnn.enabled
 
 
 def test_sampling_is_reproducible_for_a_generator(tiny_dirs):
@@ -118,6 +121,23 @@ def test_bad_arguments_are_errors(tiny_dirs):
     with pytest.raises(ValueError, match="do not fit in the context"):
         serving.generate_batch(model, [[1] * 30], 3, set())
     assert serving.generate_batch(model, [[1], [2, 3]], 0, set()) == [[], []]
+
+
+def test_bfloat16_rows_run_in_float32_blocks_on_a_cpu_without_bfloat16(monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 600, bias=False).to(torch.bfloat16)  # blocks of 256, 256 and 88 rows
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    expected = (x.float() @ linear.weight.float().T).to(torch.bfloat16)  # (2, 3, 600)
+    in_blocks = runtime.bfloat16_linear_in_blocks
+    torch.testing.assert_close(in_blocks(x, linear.weight), expected, rtol=2**-8, atol=0)
+    calls = []
+    monkeypatch.setattr(runtime, "bfloat16_linear_in_blocks", lambda *args: calls.append(args[0].shape) or
+                        in_blocks(*args))
+    for has_bfloat16, rows in [(False, 6), (False, 1), (True, 6)]:
+        monkeypatch.setattr(runtime, "onednn_has_bfloat16", lambda has=has_bfloat16: has)
+        with runtime.cpu_batch_kernels(rows):
+            linear(x if rows > 1 else x[:1, :1])
+    assert calls == [x.shape]  # several rows, on a CPU without bfloat16: only there
 
 
 # ----------------------------------------------------------------------------- int8
