@@ -125,19 +125,19 @@ def test_bad_arguments_are_errors(tiny_dirs):
 
 def test_bfloat16_rows_run_in_float32_blocks_on_a_cpu_without_bfloat16(monkeypatch):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 600, bias=False).to(torch.bfloat16)  # blocks of 256, 256 and 88 rows
-    x = torch.randn(2, 3, 64).to(torch.bfloat16)
-    expected = (x.float() @ linear.weight.float().T).to(torch.bfloat16)  # (2, 3, 600)
+    linear = torch.nn.Linear(64, 1200, bias=False).to(torch.bfloat16)  # blocks of 512, 512 and 176 rows
+    x = torch.randn(2, 4, 64).to(torch.bfloat16)
+    expected = (x.float() @ linear.weight.float().T).to(torch.bfloat16)  # (2, 4, 1200)
     in_blocks = runtime.bfloat16_linear_in_blocks
-    torch.testing.assert_close(in_blocks(x, linear.weight), expected, rtol=2**-8, atol=0)
+    torch.testing.assert_close(in_blocks(x, linear.weight, torch.empty(512, 64)), expected, rtol=2**-8, atol=0)
     calls = []
     monkeypatch.setattr(runtime, "bfloat16_linear_in_blocks", lambda *args: calls.append(args[0].shape) or
                         in_blocks(*args))
-    for has_bfloat16, rows in [(False, 6), (False, 1), (True, 6)]:
+    for has_bfloat16, rows in [(False, 8), (False, 4), (True, 8)]:
         monkeypatch.setattr(runtime, "onednn_has_bfloat16", lambda has=has_bfloat16: has)
         with runtime.cpu_batch_kernels(rows):
-            linear(x if rows > 1 else x[:1, :1])
-    assert calls == [x.shape]  # several rows, on a CPU without bfloat16: only there
+            linear(x.view(rows, -1, 64))
+    assert calls == [(8, 1, 64)]  # 8 rows or more, on a CPU without bfloat16: only there
 
 
 # ----------------------------------------------------------------------------- int8
