@@ -187,7 +187,8 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(*quantize_rows(linear.weight.detach()))
+        weight, scale = quantize_rows(linear.weight.detach())
+        return cls(weight=weight, scale=scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in_features): the kernel takes a matrix
@@ -227,7 +228,7 @@ def quantize_int8(model: Transformer) -> Transformer:
                 setattr(module, name, Int8Linear.quantize(getattr(module, name)))
     model.output = Int8Linear.quantize(model.output)
     if tied:
-        model.tok_embeddings = Int8Embedding(model.output.weight, model.output.scale)
+        model.tok_embeddings = Int8Embedding(weight=model.output.weight, scale=model.output.scale)
     return model
 
 
@@ -284,9 +285,7 @@ def load_int8(path: Path, max_seq_len: int = 2048,
             raise ValueError(f"{path / INT8_WEIGHTS}: {name} is {tensor.dtype}, not {expected[name].dtype}")
     if tied:
         weights.update({f"output.{name}": weights[f"tok_embeddings.{name}"] for name in ("weight", "scale")})
-    model.load_state_dict(weights, strict=True, assign=True)
-    if tied:
-        model.tok_embeddings.weight, model.tok_embeddings.scale = model.output.weight, model.output.scale
+    model.load_state_dict(weights, strict=True, assign=True)  # a buffer takes the tensor itself: still one matrix
     return model.eval(), tokenizer
 
 
