@@ -7,7 +7,7 @@ Tokenizer. Byte-level BPE (tiktoken), not characters: 128,000 tokens learned by 
 starting from the 256 bytes, then 256 special tokens; a token carries 3.7 characters of Tiny Shakespeare.
 Meta's `tokenizer.model` lists each token's bytes and rank, and Meta's code names the special tokens; Hugging
 Face's `tokenizer.json` holds the same ranks and names the special tokens itself, differently from one release
-to the next, so we take them by role.
+to the next, so we look up the ones the chat format needs by name in the file.
 
 Checkpoints. Meta's layout (params.json, consolidated.00.pth) uses Meta's names. Hugging Face's (config.json,
 model*.safetensors) renames every tensor and reorders the rows of wq and wk inside each head: its RoPE rotates
@@ -18,7 +18,7 @@ Llama 3.1), so the loader tells them apart by shape. Llama 3.2 1B and 3B tie the
 the model gets one Parameter for both, so the 1B model is 1,235,814,400 parameters (2.47 GB in bfloat16).
 
 Chat. An Instruct model reads Meta's `encode_dialog_prompt`: <|begin_of_text|>, then per message
-<|start_header_id|>role<|end_header_id|> "\\n\\n" content <|eot_id|>, then the assistant's header; the answer
+<|start_header_id|>role<|end_header_id|>, two newlines, content, <|eot_id|>, then the assistant's header; the answer
 ends with <|eot_id|>. We follow llama-models: content as it is (meta-llama/llama3 and Hugging Face's template trim
 it, and from Llama 3.1 on Hugging Face's opens every dialog with a system turn of dates). A conversation keeps its
 KV cache across turns: each turn feeds only its new tokens at the running position (`forward(tokens, start_pos)`).
