@@ -375,8 +375,8 @@ def tokens_per_s(model: Transformer, batch_sizes: list[int], new_tokens: int = 4
 def demo(fig_dir: Path) -> None:
     """No download: batching and int8 on a tiny random Llama 3, then speed against batch size on a wider one."""
     with tempfile.TemporaryDirectory() as tmp:
-        weights = llama_fixtures.random_llama(llama.TINY_PARAMS, std=0.15)  # float32, output tied
-        path = llama_fixtures.write_meta_layout(Path(tmp) / "tiny", weights, llama.TINY_PARAMS,
+        weights = llama_fixtures.random_llama(llama_fixtures.TINY_PARAMS, std=0.15)  # float32, output tied
+        path = llama_fixtures.write_meta_layout(Path(tmp) / "tiny", weights, llama_fixtures.TINY_PARAMS,
                                                 llama_fixtures.BYTE_TOKENIZER)
         model = llama.load_llama(path, 64, log=lambda line: None)[0]
         print("a tiny random Llama 3 (dim 64, 2 layers, vocab 512, float32), its prompts in bytes:")

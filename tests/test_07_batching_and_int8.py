@@ -25,11 +25,11 @@ PROMPT_LENGTHS = (1, 5, 17, 40)
 
 def write_tiny(path: Path, tied: bool) -> Path:
     """A tiny random Llama 3 (dim 64, vocab 512: the byte tokenizer) in Meta's layout, float32."""
-    weights = llama_fixtures.random_llama(llama.TINY_PARAMS, std=0.15)
+    weights = llama_fixtures.random_llama(llama_fixtures.TINY_PARAMS, std=0.15)
     if not tied:
         generator = torch.Generator().manual_seed(1)
         weights["output.weight"] = torch.randn(weights["output.weight"].shape, generator=generator) * 0.15
-    return llama_fixtures.write_meta_layout(path, weights, llama.TINY_PARAMS, llama_fixtures.BYTE_TOKENIZER)
+    return llama_fixtures.write_meta_layout(path, weights, llama_fixtures.TINY_PARAMS, llama_fixtures.BYTE_TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_quantize_int8_keeps_the_tie_and_replaces_every_matrix(tiny_dirs):
     model = serving.quantize_int8(load(tiny_dirs["tied"]))
     assert model.output.weight is model.tok_embeddings.weight and model.output.scale is model.tok_embeddings.scale
     int8 = [name for name, m in model.named_modules() if isinstance(m, serving.Int8Linear)]
-    assert len(int8) == 7 * llama.TINY_PARAMS["n_layers"] + 1 and "output" in int8
+    assert len(int8) == 7 * llama_fixtures.TINY_PARAMS["n_layers"] + 1 and "output" in int8
     assert [name for name, _ in model.named_parameters()] == [  # only the norms are left in float
         name for name, _ in load(tiny_dirs["tied"]).named_parameters() if "norm" in name]
     tokens = torch.tensor([prompts_of((24,))[0]])
