@@ -21,7 +21,8 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
-            "04_feedforward_and_transformer_block.py", "05_llama3_tokenizer_and_weights.py", "06_lora_finetuning.py"]
+            "04_feedforward_and_transformer_block.py", "05_llama3_tokenizer_and_weights.py", "06_lora_finetuning.py",
+            "07_batching_and_int8.py"]
 
 
 def run(script: str, *flags: str) -> None:

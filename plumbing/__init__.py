@@ -13,6 +13,7 @@ constants, GPT-2's byte alphabet of tokenizer.json) and llama_fixtures (Llama 3.
 - `llama_files`: chapter 5's reading of a Llama 3 directory (Meta's or Hugging Face's layout, the tokenizer).
 - `llama_fixtures`: made-up Llama 3 checkpoints in both layouts, for chapter 5's demo, the tests and benchmarks.
 - `chat`: chapter 5's command line: its flags, the user's turns from stdin, the answers printed as they come.
+- `serving`: chapter 7's command line: its flags, the prompts file, the answers printed in order.
 - `figures`: the figures of chapters 5 to 7.
 - `lora_cli`: chapter 6's command line: its flags, which go together, reading an adapter file, one-line errors.
 """

@@ -1,5 +1,5 @@
-"""Chapter 5's command line, kept out of the chapter: its flags and help, the user's turns read from stdin, and
-the answers printed as they come, with the speed.
+"""Chapter 5's command line, kept out of the chapter: its flags and help (the generation flags, which chapter 7
+shares), the user's turns read from stdin, and the answers printed as they come, with the speed.
 """
 
 from __future__ import annotations
@@ -25,6 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: one turn per line of stdin)")
     p.add_argument("--chat", action="store_true", help="talk in Llama 3's chat format (Instruct models)")
     p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before the first turn")
+    add_generation_flags(p)
+    p.add_argument("--llama-tokenizer", type=Path, default=None, metavar="PATH",
+                   help="demo: Meta's tokenizer.model (default: llama-models' copy, if installed)")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt",
+                   metavar="PATH",
+                   help="demo: a text to count in BPE tokens, if the file exists (default: data/tinyshakespeare.txt)")
+    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), metavar="DIR",
+                   help="demo: where the figure goes (default: %(default)s)")
+    return p
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of generation from a Llama 3 checkpoint that chapters 5 and 7 share."""
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256, metavar="N",
                    help="tokens to generate at most per answer (default: %(default)s)")
     p.add_argument("--temperature", type=temperature_type, default=0.6, metavar="T",
@@ -40,14 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     p.add_argument("--seed", type=seed_type, default=0, metavar="N",
                    help="random seed for sampling (default: %(default)s)")
-    p.add_argument("--llama-tokenizer", type=Path, default=None, metavar="PATH",
-                   help="demo: Meta's tokenizer.model (default: llama-models' copy, if installed)")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt",
-                   metavar="PATH",
-                   help="demo: a text to count in BPE tokens, if the file exists (default: data/tinyshakespeare.txt)")
-    p.add_argument("--fig-dir", type=Path, default=Path("out/figures"), metavar="DIR",
-                   help="demo: where the figure goes (default: %(default)s)")
-    return p
 
 
 def print_tokens(tokenizer, tokens: Iterator[int]) -> int:

@@ -39,3 +39,34 @@ def draw_llama3_weights(logits: dict[str, torch.Tensor], counts: dict[str, int],
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def draw_serving(speeds: dict[str, dict[int, float]], errors: torch.Tensor, fig_dir: Path) -> Path:
+    """Chapter 7's figure. Left: new tokens per second against batch size, in bfloat16 and int8 (speeds: dtype ->
+    {batch size: tokens/s}). Right: each weight's rounding error, in steps of its row's scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for (name, by_batch), color in zip(speeds.items(), ["tab:blue", "tab:orange"], strict=True):
+        left.plot(list(by_batch), list(by_batch.values()), "o-", color=color, label=name)
+    left.set_xscale("log", base=2)
+    left.set_xticks(list(next(iter(speeds.values()))), [str(b) for b in next(iter(speeds.values()))])
+    left.set(title="One block of Llama 3.2 1B's shape, random weights:\nnew tokens per second, all rows together",
+             xlabel="batch size (prompts decoded together)", ylabel="tokens/s", ylim=(0, None))
+    left.grid(alpha=0.3)
+    left.legend()
+    right.hist(errors.numpy(), bins=50, color="tab:green")
+    right.axvline(-0.5, color="gray", ls="--")
+    right.axvline(0.5, color="gray", ls="--", label="half a step: the bound")
+    right.set(title=f"int8 rounding of {errors.numel():,} weights (a tiny model):\n(w - q s) / s, one scale s per row",
+              xlabel="error, in steps of the row's scale", ylabel="weights")
+    right.legend()
+    fig.tight_layout()
+    path = fig_dir / "07_batching_and_int8.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

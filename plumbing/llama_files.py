@@ -3,7 +3,7 @@
 - `find_tokenizer`: tokenizer.model (here or in original/), else tokenizer.json.
 - `read_params_json`, `map_consolidated_pth`: Meta's layout.
 - `read_config_json`, `map_safetensors`: Hugging Face's layout (config.json in params.json's terms; one weights file,
-  or the shards its index lists).
+  or the shards its index lists); `map_safetensors_file`: one file and its metadata (chapter 7's int8 directory too).
 - `checked`, `check_names_and_shapes`: the sizes are positive integers, and the weights fit them.
 - `read_tokenizer_model`, `read_tokenizer_json` (with `byte_level_alphabet`): the BPE ranks of a tokenizer.model or
   a tokenizer.json, for tiktoken, and the special tokens that a tokenizer.json names.
@@ -121,8 +121,6 @@ def read_config_json(path: Path) -> dict:
 
 def map_safetensors(path: Path, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """model.safetensors, or every shard that model.safetensors.index.json lists, under Hugging Face's names."""
-    from safetensors import SafetensorError, safe_open
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -134,15 +132,19 @@ def map_safetensors(path: Path, log: Callable[[str], None]) -> dict[str, torch.T
     else:
         raise FileNotFoundError(f"{path} has config.json but neither model.safetensors "
                                 f"nor model.safetensors.index.json")
-    state_dict = {}
-    for file in files:
-        log(f"mapping {path / file}")
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                state_dict.update({name: f.get_tensor(name) for name in f.keys()})
-        except (OSError, SafetensorError) as e:
-            raise ValueError(f"{path / file} is not a readable safetensors file ({e})") from e
-    return state_dict
+    return {name: t for file in files for name, t in map_safetensors_file(path / file, log)[0].items()}
+
+
+def map_safetensors_file(file: Path, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One safetensors file's tensors, memory-mapped, and the text metadata in its header."""
+    from safetensors import SafetensorError, safe_open
+
+    log(f"mapping {file}")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e})") from e
 
 
 def checked(model_args, source: Path):

@@ -1,7 +1,8 @@
 """Made-up Llama 3 checkpoints for chapter 5's demo, the tests and the benchmarks, which cannot download Meta's:
 random weights with Meta's names and shapes, written in Meta's layout and in Hugging Face's; Meta's real
-tokenizer.model where the llama-models package ships it; a model's parameters counted by part. Chapter 5 teaches
-the formats (and writes the Hugging Face state dict, `hf_state_dict`); this only writes files."""
+tokenizer.model where the llama-models package ships it; a model's parameters counted by part; a random model
+built in place (chapter 7's demo). Chapter 5 teaches the formats (and writes the Hugging Face state dict,
+`hf_state_dict`); this only writes files."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def random_llama(params: dict, std: float, dtype: torch.dtype = torch.float32) -
     weights = {name: (torch.randn(t.shape, generator=generator) * std if t.dim() == 2 else torch.ones(t.shape))
                .to(dtype) for name, t in shapes.items() if name != "output.weight"}
     return {**weights, "output.weight": weights["tok_embeddings.weight"]}
+
+
+def random_tied_model(model_args: ModelArgs, std: float, dtype: torch.dtype) -> Transformer:
+    """A model in eval mode with random matrices of this std (norm gains 1) in `dtype`, the output tied to the
+    embedding: built on the meta device and filled in place, so no float32 copy is ever made."""
+    with torch.device("meta"):
+        model = Transformer(model_args).to(dtype)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=std) if p.dim() == 2 else p.fill_(1.0)
+    model.output.weight = model.tok_embeddings.weight
+    return model
 
 
 def write_meta_layout(path: Path, weights: dict[str, torch.Tensor], params: dict, tokenizer: str) -> Path:

@@ -10,7 +10,8 @@
   `teardown_distributed`:
   the few torch.distributed calls that DistributedDataParallel training needs under torchrun.
 - `exit_on_error`: every problem ends in one line `error: ...`, a signal in its exit status.
-- `cpu_matrix_vector_kernel`: a faster CPU kernel for the one-token steps of generation.
+- `cpu_matrix_vector_kernel`: a faster CPU kernel for the one-token steps of generation; `cpu_batch_kernels`:
+  that, and a faster bfloat16 matrix product for batches on CPUs without bfloat16 instructions.
 - `pick_device`: --device auto, cpu, cuda or mps.
 - `save_checkpoint`: an atomic write, so that a killed run never leaves half a checkpoint.
 """
@@ -287,6 +288,60 @@ def cpu_matrix_vector_kernel(seqlen: int) -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = enabled
+
+
+@contextmanager
+def cpu_batch_kernels(rows: int) -> Iterator[None]:
+    """The CPU kernels for a forward pass of `rows` tokens in all (a batch of one-token steps, or a prompt):
+    cpu_matrix_vector_kernel's, and, for 8 rows or more by bfloat16 weights on a CPU where oneDNN has no bfloat16
+    path (AVX2 only: no AVX-512, no AMX), float32 products on blocks of 512 weight rows converted on the fly.
+
+    There PyTorch's bfloat16 matrix product converts every weight again for every row, so 16 rows cost about 13
+    times one, and a batch gains almost nothing; in blocks, each weight is converted once per step and MKL's
+    float32 product is fast: 1.5x faster at 8 rows, 2.4x at 16, per matrix at 2 threads (4 rows are 14% slower,
+    so they stay as they are); Llama 3.2 1B at 16 rows: 19.3 tokens/s instead of 8.4 (docs/serving.md).
+    """
+    blocks = rows >= 8 and not onednn_has_bfloat16()
+    with cpu_matrix_vector_kernel(rows), (_Bfloat16InFloat32Blocks() if blocks else nullcontext()):
+        yield
+
+
+def onednn_has_bfloat16() -> bool:
+    """Whether oneDNN computes in bfloat16 on this CPU (AVX-512 or AMX on x86, bf16 on Arm)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class _Bfloat16InFloat32Blocks(torch.overrides.TorchFunctionMode):
+    """While active, F.linear by a bfloat16 weight without bias (nn.Linear's) runs bfloat16_linear_in_blocks, with
+    one float32 buffer per row length, kept for the whole forward pass (a new one per product would cost page
+    faults each time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and not kwargs and args[1].dtype == torch.bfloat16 and (
+                len(args) == 2 or args[2] is None):
+            x, weight = args[:2]
+            if weight.shape[1] not in self.buffers:
+                self.buffers[weight.shape[1]] = torch.empty(512, weight.shape[1], device=x.device)
+            return bfloat16_linear_in_blocks(x, weight, self.buffers[weight.shape[1]])
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def bfloat16_linear_in_blocks(x: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a bfloat16 weight (out, in), computed in float32 a block of weight rows at a time: each
+    block is converted into `buffer` (block, in), float32, which stays in the cache. For inference (no gradient).
+    (..., in) -> (..., out), in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).float()  # (rows, in)
+    out = torch.empty(rows.shape[0], weight.shape[0], device=x.device)  # (rows, out) float32
+    block = buffer.shape[0]
+    for start in range(0, weight.shape[0], block):
+        part = buffer[: min(block, weight.shape[0] - start)].copy_(weight[start : start + block])
+        torch.mm(rows, part.T, out=out[:, start : start + block])
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def pick_device(choice: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = ["01_char_frequencies.png", "01_token_ids.png", "02_rope.png", "02_rmsnorm.png", "02_rope_scaling.png",
             "03_attention_heads.png", "03_kv_cache.png", "04_activations.png", "04_block_parameters.png",
-            "05_llama3_weights.png", "06_lora.png", "main_loss.png", "main_attention.png"]
+            "05_llama3_weights.png", "06_lora.png", "07_batching_and_int8.png", "main_loss.png", "main_attention.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
