@@ -22,17 +22,24 @@ frozen weights stay in bfloat16 (2.47 GB).
 - Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so an adapter
   exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
+Past one device (torchrun, N processes), the frozen base is sharded (FSDP2): each rank keeps 1/N of the rows of every
+weight, and a block's weights are gathered from all ranks just before the block runs, then freed. A and B are
+sharded with their block; their gradients are averaged over the ranks, each of which reads its own batches. Llama
+3.1 70B's weights alone are 141 GB in bfloat16, more than any GPU holds; on 8 GPUs each keeps 17.6 GB of them
+(docs/cluster.md). The loop below is the same for one process and for N; plumbing/sharding.py shards.
+
 The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches it this
 chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss falling, merged
 logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
 
 Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama); the flags
-       and file checks are plumbing/lora_cli.py's, the run's settings, loading and saving plumbing/finetune.py's.
+       and file checks are plumbing/lora_cli.py's, the run's settings, loading and saving plumbing/lora_run.py's.
 Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --sample --prompt "To be"
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B --export-peft out/lora/peft
        python 06_lora_finetuning.py --ckpt out/ckpt.pt --data my_text.txt   # main.py's character model
+       torchrun --nproc_per_node=2 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
        python 06_lora_finetuning.py --help                                   # every flag
 """
 
@@ -54,7 +61,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from main import (
-    ModelArgs,
     TrainConfig,
     Transformer,
     configure_optimizer,
@@ -63,21 +69,8 @@ from main import (
     learning_rates,
     train_step,
 )
-from plumbing import llama_fixtures, lora_cli
-from plumbing.figures import draw_lora
-from plumbing.finetune import (
-    SAVE_INTERVAL,
-    FineTune,
-    finish,
-    load_base,
-    load_data,
-    report_start,
-    restore,
-    run_settings,
-    save,
-)
-from plumbing.lora_cli import load_adapter
-from plumbing.runtime import Progress, StopSignals, exit_on_error, lock_out_dir, pick_device
+from plumbing import figures, llama_fixtures, lora_cli, lora_run
+from plumbing.runtime import Progress, StopSignals, all_ranks_max, exit_on_error, pick_device, training_process
 from plumbing.validators import check_prompt
 
 inputs = importlib.import_module("01_input_block")
@@ -105,8 +98,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.weight = base.weight.requires_grad_(False)  # the same tensor: wrapping copies nothing
-        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16
-        like = {"device": base.weight.device, "dtype": torch.float32}
+        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16. On the base's device, or
+        # the CPU for a base on the meta device (sharded next, plumbing/sharding.py): A starts as in one process.
+        like = {"device": "cpu" if base.weight.is_meta else base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r), zero: B A = 0 at first
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
@@ -133,15 +127,7 @@ def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str]
     Raises:
         ValueError: an unknown target, a rank that does not fit, or a model that already has LoRA.
     """
-    targets = list(dict.fromkeys(targets))  # in order, once each
-    hf_names = {hf.split(".")[-1]: meta.split(".")[-1] for hf, meta in llama.HF_LAYER_NAMES.items()
-                if meta.split(".")[-1] in TARGETS}  # "q_proj" -> "wq"
-    for target in targets:
-        if target not in TARGETS:
-            hint = f"; {target} is Hugging Face's name for {hf_names[target]}" if target in hf_names else ""
-            raise ValueError(f"unknown LoRA target {target!r}: choose among {','.join(TARGETS)} (Meta's names{hint})")
-    if not targets:
-        raise ValueError("no LoRA target: name at least one of " + ",".join(TARGETS))
+    targets = lora_cli.check_targets(targets, list(TARGETS))  # in order, once each
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers: start from the base model")
     linears = {f"layers.{i}.{TARGETS[t]}.{t}": getattr(getattr(layer, TARGETS[t]), t)
@@ -191,16 +177,8 @@ def load_lora_state_dict(model: nn.Module, lora: dict[str, torch.Tensor], source
     Raises:
         ValueError: the adapter was made for another base (names or shapes differ); `source` names it.
     """
-    expected = lora_state_dict(model)
-    missing, unexpected = sorted(expected.keys() - lora.keys()), sorted(lora.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit this base model: " + "; ".join(
-            f"{what} {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
-            for what, names in (("it lacks", missing), ("it has no place for", unexpected)) if names))
+    lora_cli.check_adapter_fits(lora, lora_state_dict(model), source)
     for name, tensor in lora.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source} does not fit this base model: its {name} has shape {tuple(tensor.shape)}, "
-                             f"this model needs {tuple(expected[name].shape)}")
         model.get_parameter(name).copy_(tensor)
 
 
@@ -282,12 +260,12 @@ def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], 
     return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
 
 
-def finetune(args: argparse.Namespace, t_start: float) -> None:
+def finetune(args: argparse.Namespace, rank: int, world_size: int, device: str, t_start: float) -> None:
     """Fine-tune LoRA on --data (or --resume a fine-tune), writing out-dir/adapter.pt, train_state.pt and
-    metrics.json."""
-    run = set_up(args)
+    metrics.json. Under torchrun this is one rank of N: each reads its own batches, and rank 0 reports and writes."""
+    run = set_up(args, rank, world_size, device)
     cfg = run.cfg
-    progress = Progress(cfg.max_iters, run.step, cfg.grad_accum * cfg.batch_size * run.seq_len, args.log_interval)
+    progress = Progress(cfg.max_iters, run.step, run.tokens_per_step, args.log_interval, enabled=rank == 0)
     run.model.train()  # the base's dropout, if it has any, as in its own training
     with StopSignals() as stop:
         while run.step < cfg.max_iters:
@@ -295,7 +273,9 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
             t0 = time.perf_counter()
             loss = train_one_step(run.model, run.optimizers, run.train_data, cfg, run.seq_len, run.bos_id,
                                   run.data_gen, run.device, run.step)
-            if not math.isfinite(loss):
+            # every rank stops at the same step or none does: on a loss that diverged, or on Ctrl-C / SIGTERM
+            signum, bad_loss = all_ranks_max([stop.signum, not math.isfinite(loss)], device)
+            if bad_loss:
                 raise FloatingPointError(f"the loss became {loss} at step {run.step}: training diverged; "
                                          f"try a lower --learning-rate")
             progress.update(run.step + 1, loss, learning_rates(run.step, run.optimizers, cfg), time.perf_counter() - t0)
@@ -303,38 +283,41 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
             run.losses.append(loss)
 
             # save now and then, and on Ctrl-C or SIGTERM, after which --resume continues
-            if run.step % SAVE_INTERVAL == 0 or stop.signum:
-                save(run, lora_state_dict(run.model))
-            if stop.signum:
+            if run.step % lora_run.SAVE_INTERVAL == 0 or signum:
+                lora_run.save(run, lora_state_dict(run.model))
+            if signum:
                 progress.close()
-                raise lora_cli.interrupted(stop.signum, run.step, args)
+                raise lora_cli.interrupted(int(signum), run.step, args, world_size, run.log)
         progress.close()
-        save(run, lora_state_dict(run.model))
-    finish(run, progress, t_start)
+        lora_run.save(run, lora_state_dict(run.model))
+    lora_run.finish(run, progress, t_start)
 
 
-def set_up(args: argparse.Namespace) -> FineTune:
+def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) -> lora_run.FineTune:
     """The frozen base, LoRA on it, AdamW on LoRA's matrices, and the text: new, or as out-dir/train_state.pt left
     them (--resume). Prints what it built and the val loss before."""
-    state_path = args.out_dir / "train_state.pt"
-    saved = load_adapter(state_path) if args.resume else None
-    lora_cfg, cfg, seq_len = run_settings(args, saved, LoRAConfig(args.rank, args.alpha, tuple(args.targets)),
-                                          lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size,
-                                                            args.learning_rate, args.eval_iters, args.seed,
-                                                            args.grad_accum))
-    device = pick_device(args.device)
-    model, tokenizer, seq_len = load_base(args, seq_len, DEFAULT_LLAMA_SEQ_LEN, device)
-    train_data, val_data = load_data(args.data, tokenizer, seq_len)
-    torch.manual_seed(cfg.seed)  # A's random start
-    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    saved = lora_cli.load_adapter(args.out_dir / "train_state.pt") if args.resume else None
+    cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
+                            args.eval_iters, args.seed, args.grad_accum)
+    lora_cfg, cfg, seq_len = lora_run.run_settings(args, saved, LoRAConfig(args.rank, args.alpha, tuple(args.targets)),
+                                                   cfg)  # with --resume, the saved run's
+
+    def adapt(model: Transformer) -> Transformer:
+        torch.manual_seed(cfg.seed)  # A's random start: the same in one process and on every rank
+        return add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+
+    # One process: the base, then LoRA on it. N ranks: LoRA on the base's shapes, then both sharded.
+    model, tokenizer, seq_len = lora_run.load_base(args, seq_len, DEFAULT_LLAMA_SEQ_LEN, device, adapt, rank,
+                                                   world_size)
+    train_data, val_data = lora_run.load_data(args.data, tokenizer, seq_len)
     optimizers = configure_optimizer(model, cfg, torch.device(device).type)  # AdamW: lora_train_config's choice
-    run = FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
-                   torch.Generator().manual_seed(cfg.seed), device, args.out_dir, str(args.llama_dir or args.ckpt),
-                   *count_parameters(model))
+    run = lora_run.FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
+                            torch.Generator().manual_seed(cfg.seed + rank),  # each rank's own batches
+                            device, rank, world_size, args.out_dir, str(args.llama_dir or args.ckpt),
+                            *count_parameters(model))
     if saved is not None:
-        load_lora_state_dict(model, saved["lora"], str(state_path))
-        restore(run, saved)
-    report_start(run, resumed_from=state_path if saved is not None else None)
+        lora_run.restore(run, saved, load_lora_state_dict)
+    lora_run.report_start(run, resumed_from=args.out_dir / "train_state.pt" if saved is not None else None)
     return run
 
 
@@ -344,10 +327,10 @@ def set_up(args: argparse.Namespace) -> FineTune:
 def use_adapter(args: argparse.Namespace) -> None:
     """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
     adapter_path = args.out_dir / "adapter.pt"
-    adapter = load_adapter(adapter_path)
+    adapter = lora_cli.load_adapter(adapter_path)
     device = pick_device(args.device)
-    model, tokenizer, _ = load_base(args, args.seq_len or adapter["seq_len"], DEFAULT_LLAMA_SEQ_LEN, device)
-    apply_adapter(model, adapter, str(adapter_path))
+    model, tokenizer, _ = lora_run.load_base(args, args.seq_len or adapter["seq_len"], DEFAULT_LLAMA_SEQ_LEN, device,
+                                             adapt=lambda base: apply_adapter(base, adapter, str(adapter_path)))
     if args.export_peft is not None:
         paths = export_peft(model, args.export_peft, str(args.llama_dir))
         print(f"wrote {' and '.join(map(str, paths))}: load them with "
@@ -361,10 +344,6 @@ def use_adapter(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- the demo and its figure
 
-DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
-                   "04_feedforward_and_transformer_block.py"]
-
-
 def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
     """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
     model = llama_fixtures.tied_meta_model(llama_fixtures.LLAMA_32_PARAMS["1B"])
@@ -372,31 +351,12 @@ def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
     return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
 
 
-def train_demo_base(data: np.ndarray, tokenizer: inputs.CharTokenizer, seq_len: int, generator: torch.Generator
-                    ) -> Transformer:
-    """The demo's base: a tiny LLaMA 3, every weight trained briefly on `data` (main.py's way, in miniature)."""
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
-                                  max_seq_len=seq_len))
-    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
-    optimizers = configure_optimizer(model, cfg, "cpu")
-    for step in range(cfg.max_iters):
-        train_one_step(model, optimizers, data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
-    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
-          f"{cfg.max_iters} steps on chapters 1-4 ({len(data):,} characters); new text: this chapter")
-    return model
-
-
 def demo(fig_dir: Path) -> None:
     """A tiny LLaMA 3 trained on chapters 1-4's code learns this chapter's code through LoRA; the invariants shown."""
     torch.manual_seed(0)
-    here = Path(__file__).resolve().parent
-    old_text = "".join((here / name).read_text(encoding="utf-8") for name in DEMO_BASE_TEXTS)
-    new_text = Path(__file__).read_text(encoding="utf-8")
-    tokenizer = inputs.CharTokenizer.from_text(old_text + new_text)
-    old_data = np.array(tokenizer.encode(old_text), dtype=np.int64)
-    train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(new_text), dtype=np.int64))
     seq_len, generator = 64, torch.Generator().manual_seed(0)
-    model = train_demo_base(old_data, tokenizer, seq_len, generator)
+    # the base: a tiny LLaMA 3 trained briefly on chapters 1-4's code; the new text: this chapter's, split 90/10
+    model, tokenizer, (train_data, val_data) = lora_run.demo_base(Path(__file__), seq_len, generator)
 
     # ---- LoRA: the base frozen, B = 0, so nothing changes yet
     tokens = inputs.inputs_for(torch.from_numpy(val_data[:seq_len])[None], tokenizer.bos_id)  # (1, seq_len)
@@ -437,7 +397,7 @@ def demo(fig_dir: Path) -> None:
     n_total, n_lora = llama_32_1b_counts(rank=8)
     print(f"Llama 3.2 1B, rank 8 on all seven projections: {n_lora:,} trainable parameters, "
           f"{n_lora / n_total:.2%} of {n_total:,}")
-    print(f"figure: {draw_lora(n_total, n_lora, losses, val_log, fig_dir)}")
+    print(f"figure: {figures.draw_lora(n_total, n_lora, losses, val_log, fig_dir)}")
     print("caption: LoRA's frozen bfloat16 base and small float32 matrices need about an eighth of a full "
           "fine-tune's memory; the tiny model learns a new text with only its LoRA matrices trained.")
 
@@ -454,9 +414,9 @@ def main(argv: list[str] | None = None) -> None:
             demo(args.fig_dir)
         elif mode == "use":
             use_adapter(args)
-        else:
-            with lock_out_dir(args.out_dir):  # one fine-tune per out-dir, refused before any work
-                finetune(args, t_start)
+        else:  # under torchrun, one process per rank; rank 0 locks out-dir, refusing a second fine-tune there
+            with training_process(args.device, args.out_dir) as (rank, world_size, device):
+                finetune(args, rank, world_size, device, t_start)
 
 
 if __name__ == "__main__":

@@ -15,5 +15,5 @@ constants, GPT-2's byte alphabet of tokenizer.json) and llama_fixtures (Llama 3.
 - `chat`: chapter 5's command line: its flags, the user's turns from stdin, the answers printed as they come.
 - `figures`: the figures of chapters 5 to 7.
 - `lora_cli`: chapter 6's command line: its flags, which go together, reading an adapter file, one-line errors.
-- `finetune`: chapter 6's run machinery: its settings, the base and text it loads, resuming, and the files it writes.
+- `lora_run`: chapter 6's run machinery: its settings, the base and text it loads, resuming, and the files it writes.
 """
