@@ -296,7 +296,7 @@ def finetune(args: argparse.Namespace, rank: int, world_size: int, device: str, 
 def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) -> lora_run.FineTune:
     """The frozen base, LoRA on it, AdamW on LoRA's matrices, and the text: new, or as out-dir/train_state.pt left
     them (--resume). Prints what it built and the val loss before."""
-    saved = lora_cli.load_adapter(args.out_dir / "train_state.pt") if args.resume else None
+    saved = lora_cli.run_to_resume(args)
     cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
                             args.eval_iters, args.seed, args.grad_accum)
     lora_cfg, cfg, seq_len = lora_run.run_settings(args, saved, LoRAConfig(args.rank, args.alpha, tuple(args.targets)),
@@ -317,7 +317,7 @@ def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) ->
                             *count_parameters(model))
     if saved is not None:
         lora_run.restore(run, saved, load_lora_state_dict)
-    lora_run.report_start(run, resumed_from=args.out_dir / "train_state.pt" if saved is not None else None)
+    lora_run.report_start(run, resumed=saved is not None)
     return run
 
 

@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from plumbing.runtime import Stopped, wait_for_all_ranks
-from plumbing.validators import non_negative_int, positive_float, positive_int, seed_type, temperature_type, top_p_type
+from plumbing.validators import (
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resume_type,
+    seed_type,
+    temperature_type,
+    top_p_type,
+)
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 
@@ -76,9 +84,10 @@ def build_parser(targets: list[str], rank: int, alpha: float, max_iters: int, ll
                    help="val batches for the loss before and after (the same batches both times; default: %(default)s)")
     t.add_argument("--seed", type=seed_type, default=1337,
                    help="seeds A's start, the batches and sampling (default: %(default)s)")
-    t.add_argument("--resume", action="store_true",
+    t.add_argument("--resume", nargs="?", const=True, default=False, type=resume_type, metavar="auto",
                    help="continue the fine-tune saved in out-dir/train_state.pt (after Ctrl-C or SIGTERM) with its "
-                        "own settings; only --max-iters may change")
+                        "own settings; only --max-iters may change. '--resume auto' resumes if that file exists and "
+                        "starts fresh otherwise (for torchrun's restarts)")
     t.add_argument("--log-interval", type=positive_int, default=10,
                    help="when the output goes to a file: one line every N steps instead of a progress bar "
                         "(default: %(default)s)")
@@ -161,6 +170,12 @@ def check_adapter_fits(lora: dict[str, torch.Tensor], expected: dict[str, torch.
         if tensor.shape != expected[name].shape:
             raise ValueError(f"{source} does not fit this base model: its {name} has shape {tuple(tensor.shape)}, "
                              f"this model needs {tuple(expected[name].shape)}")
+
+
+def run_to_resume(args: argparse.Namespace) -> dict | None:
+    """out-dir/train_state.pt when --resume asks for it (or --resume auto finds it), else None: a new fine-tune."""
+    path = args.out_dir / "train_state.pt"
+    return load_adapter(path) if args.resume is True or (args.resume == "auto" and path.exists()) else None
 
 
 def load_adapter(path: Path) -> dict:

@@ -174,11 +174,11 @@ def restore(run: FineTune, saved: dict, load_lora: Callable[[Transformer, dict, 
     run.step, run.losses, run.val_before = saved["step"], saved["losses"], saved["val_loss_before"]
 
 
-def report_start(run: FineTune, resumed_from: Path | None) -> None:
+def report_start(run: FineTune, resumed: bool) -> None:
     """The first lines of a fine-tune: what it resumed, what trains, on what text; then the val loss before
     (measured now for a new run)."""
-    if resumed_from is not None:
-        run.log(f"resumed from {resumed_from} at step {run.step}")
+    if resumed:
+        run.log(f"resumed from {run.out_dir / 'train_state.pt'} at step {run.step}")
     lora_cfg, cfg = run.lora_cfg, run.cfg
     ranks = f" x {run.world_size} ranks" if run.world_size > 1 else ""
     run.log(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: "
@@ -189,7 +189,7 @@ def report_start(run: FineTune, resumed_from: Path | None) -> None:
     run.log(f"{len(run.train_data):,} train / {len(run.val_data):,} val tokens; {cfg.max_iters} steps of "
             f"{cfg.grad_accum * cfg.batch_size * run.world_size} windows of {run.seq_len} tokens ({cfg.grad_accum} "
             f"micro-batches of {cfg.batch_size}{ranks})")
-    if resumed_from is None:
+    if not resumed:
         run.val_before = run.val_loss()
     run.log(f"val loss before fine-tuning: {run.val_before:.4f}")
 

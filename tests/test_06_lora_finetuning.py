@@ -232,6 +232,17 @@ def test_interrupted_fine_tune_saves_and_resume_continues_exactly(char_ckpt, tin
         assert torch.equal(resumed["lora"][name], tensor), name
 
 
+def test_resume_auto_starts_fresh_then_resumes(char_ckpt, tiny_corpus, tmp_path, capsys):
+    """What torchrun's restarts run: the same command line, which must resume once there is something to resume."""
+    flags = ["--ckpt", char_ckpt, "--data", tiny_corpus, "--out-dir", tmp_path, "--batch-size", 2, "--grad-accum", 1,
+             "--eval-iters", 1, "--resume", "auto"]
+    run_cli(*flags, "--max-iters", 2)
+    assert "resumed" not in capsys.readouterr().out
+    run_cli(*flags, "--max-iters", 4)
+    assert f"resumed from {tmp_path / 'train_state.pt'} at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "adapter.pt", weights_only=True)["step"] == 4
+
+
 def test_export_peft_gives_our_logits_in_transformers(hf_llama, tmp_path, capsys):
     from peft import PeftModel
 
