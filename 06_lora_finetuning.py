@@ -23,9 +23,9 @@ frozen weights stay in bfloat16 (2.47 GB).
   exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
 Past one device (torchrun, N processes), the frozen base is sharded (FSDP2): each rank keeps 1/N of the rows of every
-weight, and a block's weights are gathered from all ranks just before the block runs, then freed. A and B are
-sharded with their block; their gradients are averaged over the ranks, each of which reads its own batches. Llama
-3.1 70B's weights alone are 141 GB in bfloat16, more than any GPU holds; on 8 GPUs each keeps 17.6 GB of them
+weight, and a projection's weight is gathered from all ranks just before it is used, then freed. A and B are
+sharded with their projection; their gradients are averaged over the ranks, each of which reads its own batches.
+Llama 3.1 70B's weights alone are 141 GB in bfloat16, more than any GPU holds; on 8 GPUs each keeps 17.6 GB of them
 (docs/cluster.md). The loop below is the same for one process and for N; plumbing/sharding.py shards.
 
 The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches it this
@@ -60,15 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from main import (
-    TrainConfig,
-    Transformer,
-    configure_optimizer,
-    estimate_loss,
-    generate,
-    learning_rates,
-    train_step,
-)
+from main import TrainConfig, Transformer, configure_optimizer, estimate_loss, generate, learning_rates, train_step
 from plumbing import figures, llama_fixtures, lora_cli, lora_run
 from plumbing.runtime import Progress, StopSignals, all_ranks_max, exit_on_error, pick_device, training_process
 from plumbing.validators import check_prompt

@@ -38,7 +38,9 @@ def build_parser(targets: list[str], rank: int, alpha: float, max_iters: int, ll
     """Chapter 6's flags; the arguments are the chapter's defaults, which --help shows."""
     p = argparse.ArgumentParser(
         description="Chapter 6: LoRA fine-tuning of Meta's Llama 3 (--llama-dir) or of a character model that "
-                    "main.py trained (--ckpt). Without either, the chapter's demo runs (seconds, no download).")
+                    "main.py trained (--ckpt). Without either, the chapter's demo runs (seconds, no download). "
+                    "Under torchrun a fine-tune runs on N processes, each reading its own batches, the frozen base "
+                    "sharded over them (FSDP2).")
     b = p.add_argument_group("the base model (frozen)")
     b.add_argument("--llama-dir", type=Path, default=None, metavar="DIR",
                    help="Meta's Llama 3 in Meta's layout (params.json, consolidated.00.pth, tokenizer.model) or "
@@ -72,8 +74,8 @@ def build_parser(targets: list[str], rank: int, alpha: float, max_iters: int, ll
     t.add_argument("--batch-size", type=positive_int, default=1,
                    help="windows per micro-batch, and per val batch (default: %(default)s)")
     t.add_argument("--grad-accum", type=positive_int, default=4,
-                   help="micro-batches per step: the update of one batch of batch-size x grad-accum windows, with "
-                        "the memory of one micro-batch (default: %(default)s)")
+                   help="micro-batches per step: the update of one batch of batch-size x grad-accum windows (x N "
+                        "processes under torchrun), with the memory of one micro-batch (default: %(default)s)")
     t.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"tokens per window, each opening with <|begin_of_text|>; with --sample the context "
                         f"(default: {llama_seq_len} for --llama-dir, the context of --ckpt's model)")

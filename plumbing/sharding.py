@@ -3,12 +3,15 @@ the checkpoint, and the whole adapter gathered for saving.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) turns every parameter of a module into a DTensor sharded on its first
 dimension: with c = ceil(rows / N), rank r keeps rows [r c, (r + 1) c) (the last ranks may keep fewer, or none).
-Just before a block runs (forward, and again in backward) the block's weights are all-gathered, and freed after it;
-the gradients of its LoRA matrices are reduce-scattered, each rank keeping the mean over all ranks of its own rows.
+Just before a module runs (forward, and again in backward) its weights are all-gathered, and freed after it; the
+gradients of its LoRA matrices are reduce-scattered, each rank keeping the mean over all ranks of its own rows.
 
-- `shard_model`: fully_shard on every TransformerBlock, then on the root, on a model built on the meta device; then
-  each rank's rows of the memory-mapped checkpoint become its shards, as views of the file where nothing changes
-  them (a mapped file's pages count in a process's memory once read: a copy would count them twice).
+- `shard_model`: fully_shard on every projection of every TransformerBlock (wq ... w3, each with its LoRA matrices),
+  then on the block, then on the root, on a model built on the meta device; then each rank's rows of the
+  memory-mapped checkpoint become its shards, as views of the file where nothing changes them (a mapped file's
+  pages count in a process's memory once read: a copy would count them twice). A projection at a time, not a whole
+  block, is gathered: FSDP holds two or three units in flight (the one running, the one gathered ahead, the
+  previous one's gather buffer), and for Llama 3.2 1B on 2 ranks whole blocks cost about 0.25 GB more per rank.
 - The embedding matrix, a fifth of Llama 3.2 1B and the output layer too when tied, stays outside FSDP, sharded by
   rows: `RowShardedEmbedding` and `RowShardedOutput` broadcast it a few thousand rows at a time, so a rank never holds
   the whole matrix (FSDP would gather it for the whole forward and backward pass, while the activations peak).
@@ -29,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-ROWS_PER_PIECE = 8192  # rows of the embedding broadcast at a time (64 MB of Llama 3.1 8B's in bfloat16)
+ROWS_PER_PIECE = 8192  # rows of the embedding broadcast at a time (64 MiB of Llama 3.1 8B's in bfloat16)
 
 
 def row_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -48,8 +51,8 @@ def row_pieces(weight: DTensor) -> Iterator[tuple[int, torch.Tensor]]:
         start, stop = row_range(weight.shape[0], src, world_size)
         for first in range(start, stop, ROWS_PER_PIECE):
             last = min(first + ROWS_PER_PIECE, stop)
-            rows = local[first - start : last - start] if src == rank else local.new_empty((last - first,
-                                                                                             *weight.shape[1:]))
+            shape = (last - first, *weight.shape[1:])
+            rows = local[first - start : last - start] if src == rank else local.new_empty(shape)
             dist.broadcast(rows, src)
             yield first, rows
 
@@ -71,13 +74,16 @@ class RowShardedEmbedding(nn.Module):
 
 
 class RowShardedLinear(torch.autograd.Function):
-    """x @ W^T for a frozen W sharded by rows: the output's columns come rank by rank, and so, in backward, does
-    the gradient of x (the sum over ranks of grad[:, rank's columns] @ rank's rows). W gets no gradient."""
+    """x @ W^T for a frozen W sharded by rows: the output's columns come piece by piece (row_pieces), and so, in
+    backward, does the gradient of x (the sum over pieces of grad[..., piece's columns] @ piece). W gets none."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: DTensor) -> torch.Tensor:
         ctx.weight = weight
-        return torch.cat([F.linear(x, rows) for _, rows in row_pieces(weight)], dim=-1)
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., out_features)
+        for start, rows in row_pieces(weight):
+            out[..., start : start + len(rows)] = F.linear(x, rows)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -130,7 +136,9 @@ def shard_model(model: nn.Module, weights: dict[str, torch.Tensor], dtype: torch
     model.tok_embeddings = RowShardedEmbedding(embedding)
     model.output = RowShardedOutput(shard("output.weight") if "output.weight" in weights else embedding)
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
+        for projection in (m for m in layer.modules() if getattr(m, "weight", torch.empty(0)).dim() == 2):
+            fully_shard(projection, mesh=mesh)  # wq ... w3, LoRA's A and B with their weight
+        fully_shard(layer, mesh=mesh)  # what is left of the block: its two norms
     fully_shard(model, mesh=mesh, ignored_params={model.tok_embeddings.weight, model.output.weight})
     state = model.state_dict(keep_vars=True)  # what is still on the meta device gets this rank's rows
     model.load_state_dict({name: shard(name) if t.is_meta else t for name, t in state.items()}, assign=True)
@@ -149,7 +157,7 @@ def gathered(obj):
     return obj
 
 
-def shard_as(tensor, like: torch.Tensor):
+def shard_as(tensor: object, like: torch.Tensor | None) -> object:
     """A whole tensor as this rank's shard of `like` (a parameter) when it has like's shape (the parameter itself,
     AdamW's moments); anything else (a plain parameter's tensor, AdamW's step count) as it is."""
     if isinstance(like, DTensor) and isinstance(tensor, torch.Tensor) and tensor.shape == like.shape:
