@@ -86,7 +86,8 @@ def apply_scaling(freqs: torch.Tensor, scale_factor: float, low_freq_factor: flo
         freqs: (dim // 2,) frequencies theta_i.
         scale_factor: 8 for Llama 3.1, 32 for Llama 3.2 1B and 3B.
     Returns:
-        (dim // 2,): long wavelengths divided by scale_factor, short ones kept, the band between blended.
+        (dim // 2,): the frequencies of long wavelengths divided by scale_factor (their wavelengths multiplied),
+        short ones kept, the band between blended.
     """
     wavelen = 2 * math.pi / freqs
     low_freq_wavelen = old_context_len / low_freq_factor  # longer than this: scaled
@@ -146,7 +147,7 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
     rq, rk = apply_rotary_emb(q, q, freqs_cis)
     scores = (rq[0, :, 0] @ rk[0, 0, 0]).tolist()  # q at m, k at 0
     axes[1].plot(range(n_pos), scores)
-    axes[1].set(title="One vector as q and k, moved apart: q·k peaks at distance 0, then oscillates",
+    axes[1].set(title="One vector as q and k, moved apart:\nq·k peaks at distance 0, then oscillates",
                 xlabel="relative distance m − n", ylabel="q·k after rotation")
     fig.tight_layout()
     rope_path = fig_dir / "02_rope.png"
@@ -175,7 +176,7 @@ def plot_figures(fig_dir: Path, head_dim: int = 64, n_pos: int = 128) -> list[Pa
     ax.axhspan(2048, 8192, color="gray", alpha=0.15, label="blended band (2,048 to 8,192)")
     ax.axhline(8192, color="gray", ls="--", lw=1)
     ax.set_yscale("log")
-    ax.set(title="use_scaled_rope: pairs with wavelengths over 2,048 turn slower (by the factor over 8,192)",
+    ax.set(title="use_scaled_rope: pairs with wavelengths over 2,048 turn slower\n(by the whole factor over 8,192)",
            xlabel="pair i (head_dim 128, rope_theta 500000)", ylabel="wavelength 2π/θᵢ (positions, log scale)")
     ax.legend()
     fig.tight_layout()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # A module whose name starts with a digit cannot be imported with `import 02_...` (a Python name cannot start with a
-# digit), so the chapters import each other with importlib, under the chapter's name without its number.
+# digit), so the chapters import each other with importlib, each under a name taken from its title.
 normalization_and_rope = importlib.import_module("02_normalization_and_rope")
 
 
@@ -289,6 +289,9 @@ def main() -> None:
         cached = torch.cat([prefix, *steps], dim=1)
         print(f"  cached (prefix of 4, then one token at a time) equals uncached: "
               f"{torch.allclose(cached, out, atol=1e-5)} (should be True); cache_k {tuple(attn.cache_k.shape)}")
+        chunk = attn(x[:, 4:7], freqs_cis[4:7], start_pos=4)  # a chunk of 3 after the cached prefix of 4
+        print(f"  a chunk of 3 after the cached prefix (the bottom-right mask) equals uncached: "
+              f"{torch.allclose(chunk, out[:, 4:7], atol=1e-5)} (should be True)")
     for path in plot_figures(args.fig_dir):
         print(f"figure: {path}")
     print("caption: each query attends only to itself and earlier keys; the cache gains one slot per new token.")

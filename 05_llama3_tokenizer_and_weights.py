@@ -4,10 +4,10 @@
 `load_state_dict`. What the real model adds is its tokenizer, two file layouts, and a chat format.
 
 Tokenizer. Byte-level BPE (tiktoken), not characters: 128,000 tokens learned by merging frequent neighbours,
-starting from the 256 bytes, then 256 special tokens. Every string has an encoding; a token carries 3.7
-characters of Tiny Shakespeare. Meta's `tokenizer.model` lists each token's bytes and rank, and Meta's code
-names the special tokens; Hugging Face's `tokenizer.json` holds the same ranks as ids and names the special
-tokens itself, differently from one release to the next, so we take them by role.
+starting from the 256 bytes, then 256 special tokens; a token carries 3.7 characters of Tiny Shakespeare.
+Meta's `tokenizer.model` lists each token's bytes and rank, and Meta's code names the special tokens; Hugging
+Face's `tokenizer.json` holds the same ranks and names the special tokens itself, differently from one release
+to the next, so we look up the ones the chat format needs by name in the file.
 
 Checkpoints. Meta's layout (params.json, consolidated.00.pth) uses Meta's names. Hugging Face's (config.json,
 model*.safetensors) renames every tensor and reorders the rows of wq and wk inside each head: its RoPE rotates
@@ -18,11 +18,10 @@ Llama 3.1), so the loader tells them apart by shape. Llama 3.2 1B and 3B tie the
 the model gets one Parameter for both, so the 1B model is 1,235,814,400 parameters (2.47 GB in bfloat16).
 
 Chat. An Instruct model reads Meta's `encode_dialog_prompt`: <|begin_of_text|>, then per message
-<|start_header_id|>role<|end_header_id|> "\\n\\n" content <|eot_id|>, then the assistant's header; the answer
-ends with <|eot_id|>. We follow llama-models: content as it is. (The older meta-llama/llama3 repository trims each
-message, and so does Hugging Face's chat template, which from Llama 3.1 on also opens every dialog with a system
-turn of dates: "Cutting Knowledge Date: December 2023", "Today Date: ...".) A conversation keeps its KV cache
-across turns: each turn feeds only its new tokens at the running position (Meta's `forward(tokens, start_pos)`).
+<|start_header_id|>role<|end_header_id|>, two newlines, content, <|eot_id|>, then the assistant's header; the answer
+ends with <|eot_id|>. We follow llama-models: content as it is (meta-llama/llama3 and Hugging Face's template trim
+it, and from Llama 3.1 on Hugging Face's opens every dialog with a system turn of dates). A conversation keeps its
+KV cache across turns: each turn feeds only its new tokens at the running position (`forward(tokens, start_pos)`).
 
 Needs: main.py (Transformer, sample_next), and through it chapters 1-4.
 Run:   python 05_llama3_tokenizer_and_weights.py               # demo on a tiny random model, no download
@@ -228,24 +227,9 @@ def read_meta_checkpoint(path: Path, log: Callable[[str], None]) -> tuple[ModelA
 
 
 def read_hf_checkpoint(path: Path, log: Callable[[str], None]) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """config.json and model*.safetensors (memory-mapped), renamed to Meta's names; wq and wk still in
-    Hugging Face's row order."""
-    config = llama_files.read_config_json(path / "config.json")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5, or 4
-    # config.json gives the FFN's hidden size itself, Meta's rule (chapter 4) a start and a rounding. With
-    # multiple_of equal to the hidden size, the rule rounds any smaller start up to it: for Llama 3 8B the start
-    # int(2 * 4 * 4096 / 3) = 10,922 becomes 14,336. A larger start is scaled down first (ffn_dim_multiplier).
-    dim, hidden = config["hidden_size"], config["intermediate_size"]
-    start = int(2 * 4 * dim / 3)
-    model_args = ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-        vocab_size=config["vocab_size"], multiple_of=hidden,
-        ffn_dim_multiplier=None if start <= hidden else hidden / start, norm_eps=config["rms_norm_eps"],
-        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-        use_scaled_rope=rope.get("rope_type", rope.get("type")) == "llama3",
-        rope_scaling_factor=rope.get("factor", 8.0),
-    )
+    """config.json (in params.json's terms) and model*.safetensors (memory-mapped), renamed to Meta's names; wq
+    and wk still in Hugging Face's row order."""
+    model_args = ModelArgs(**llama_files.read_config_json(path / "config.json"))
     if model_args.use_scaled_rope:
         log(f"RoPE scaling factor {model_args.rope_scaling_factor:g} (config.json)")
     state_dict = llama_files.map_safetensors(path, log)
@@ -369,11 +353,9 @@ class Conversation:
                 return
 
     def reply(self, message: str, max_new_tokens: int) -> Iterator[int]:
-        """The user's next turn, then the assistant's answer (Meta's chat format).
-
-        The turn's tokens: <|begin_of_text|> and the system message if the dialog starts here; <|eot_id|>
-        if max_new_tokens cut the last answer short; the user's message; the assistant's header.
-        """
+        """The user's next turn, then the assistant's answer (Meta's chat format). The turn's tokens: <|begin_of_text|>
+        and the system message if the dialog starts here; <|eot_id|> if max_new_tokens cut the last answer short;
+        the user's message; the assistant's header."""
         tok = self.tokenizer
         if not self.tokens:
             turn = [tok.bos_id, *(tok.encode_message("system", self.system) if self.system is not None else [])]
@@ -386,10 +368,6 @@ class Conversation:
 # ----------------------------------------------------------------------------- the command line and the demo
 # You may skip from here: Llama 3 ends above. Below, the command line talks with a checkpoint, and the demo writes a
 # tiny random one in both layouts (plumbing/llama_fixtures.py writes the files).
-
-
-TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
-               "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
 
 
 def demo_tokenizer(path: Path, corpus: Path | None) -> None:
@@ -411,11 +389,13 @@ def demo_tokenizer(path: Path, corpus: Path | None) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     """No download: a tiny random Llama 3 in both layouts, Llama 3.2 1B counted, and the real tokenizer if present."""
-    weights, model_args = llama_fixtures.random_llama(TINY_PARAMS, std=0.15), ModelArgs(**TINY_PARAMS)  # std 0.15:
-    with tempfile.TemporaryDirectory() as tmp:  # logits that spread out
+    params = llama_fixtures.TINY_PARAMS  # dim 64, 2 layers, the byte tokenizer's 512 tokens
+    weights = llama_fixtures.random_llama(params, std=0.15)  # std 0.15: logits that spread out
+    model_args = ModelArgs(**params)
+    with tempfile.TemporaryDirectory() as tmp:
         tokenizer_model = llama_fixtures.BYTE_TOKENIZER
-        meta_dir = llama_fixtures.write_meta_layout(Path(tmp) / "meta", weights, TINY_PARAMS, tokenizer_model)
-        hf_dir = llama_fixtures.write_hf_layout(Path(tmp) / "hf", hf_state_dict(weights, model_args), TINY_PARAMS,
+        meta_dir = llama_fixtures.write_meta_layout(Path(tmp) / "meta", weights, params, tokenizer_model)
+        hf_dir = llama_fixtures.write_hf_layout(Path(tmp) / "hf", hf_state_dict(weights, model_args), params,
                                                 meta_rope_scaling_factor(model_args), tokenizer_model)
         quiet = lambda line: None  # noqa: E731
         models = {"meta": load_llama(meta_dir, 64, log=quiet)[0], "hf": load_llama(hf_dir, 64, log=quiet)[0]}
@@ -459,11 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--system needs --chat")
     with exit_on_error():
         if args.llama_dir is None:
-            demo(args)
-            return
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        model, tokenizer = load_llama(args.llama_dir, args.seq_len, dtype, pick_device(args.device),
-                                      log=lambda line: print(line, file=sys.stderr))
+            return demo(args)
+        model, tokenizer = load_llama(args.llama_dir, args.seq_len, getattr(torch, args.dtype) if args.dtype else None,
+                                      pick_device(args.device), log=lambda line: print(line, file=sys.stderr))
         talk(Conversation(model, tokenizer, args.system, args.temperature, args.top_p, args.seed), args)
 
 

@@ -65,7 +65,7 @@ class ModelArgs:
     max_seq_len: int = 128
     dropout: float = 0.0  # not in Meta's model; helps the larger GPU preset
     use_scaled_rope: bool = False  # Llama 3.1's RoPE frequency scaling (chapter 2)
-    rope_scaling_factor: float = 8.0  # 8 for Llama 3.1, 32 for Llama 3.2 1B and 3B
+    rope_scaling_factor: float = 8.0  # ours (Meta's code hard-codes 8, Llama 3.1's): 32 for Llama 3.2 1B and 3B
 
 
 class Transformer(nn.Module):
@@ -222,12 +222,12 @@ def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5, eps: floa
     if tall:
         x = x.T  # iterate on the wide form: X X^T is then the smaller Gram matrix
     x = x / x.norm().clamp(min=eps)  # Frobenius norm 1: every singular value <= 1
+    # addmm(C, M, N, beta, alpha) is beta C + alpha M N in one product, as torch.optim.Muon computes it (written out
+    # as b * A + c * A @ A, the same sums round differently: docs/performance.md).
     for _ in range(steps):
         A = x @ x.T  # A = X X^T, (rows, rows)
         B = torch.addmm(A, A, A, beta=b, alpha=c)  # B = b A + c A A
         x = torch.addmm(x, B, x, beta=a)  # X = a X + B X
-    # addmm(C, M, N, beta, alpha) is beta C + alpha M N in one product, as torch.optim.Muon computes it; written out
-    # as b * A + c * A @ A the same sums round differently, and the default run ends 0.0055 lower in val loss.
     return x.T if tall else x
 
 
@@ -541,7 +541,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     probs (bsz, vocab_size), rows summing to 1 -> (bsz, 1) token ids."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p  # the mass before this token already reaches p
+    mask = probs_sum - probs_sort > p  # the mass before this token already exceeds p
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
@@ -606,8 +606,8 @@ def generate_tokens(model: Transformer, tokens: list[int], max_new_tokens: int, 
             if pos == max_seq_len:  # cache full: slide the window
                 context = [tokens[0], *(tokens[1:] + new_tokens)[-(max_seq_len // 2) :]]
             else:
-                # One token multiplies each weight by a vector: on a CPU, oneDNN's kernel reads bfloat16 weights
-                # slower than PyTorch's own, so it is switched off for this step (docs/llama3.md, "Speed on a CPU").
+                # One token multiplies each weight by a vector: on a CPU, oneDNN's kernel reads bfloat16 weights (Llama
+                # 3's, in chapter 6) slower than PyTorch's own, so it is off for this step (docs/llama3.md, "Speed").
                 with runtime.cpu_matrix_vector_kernel(seqlen=1):
                     logits, _ = model(next_token.view(1, 1), start_pos=pos)
                 pos += 1

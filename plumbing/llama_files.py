@@ -2,7 +2,8 @@
 
 - `find_tokenizer`: tokenizer.model (here or in original/), else tokenizer.json.
 - `read_params_json`, `map_consolidated_pth`: Meta's layout.
-- `read_config_json`, `map_safetensors`: Hugging Face's layout (one file, or the shards its index lists).
+- `read_config_json`, `map_safetensors`: Hugging Face's layout (config.json in params.json's terms; one weights file,
+  or the shards its index lists).
 - `checked`, `check_names_and_shapes`: the sizes are positive integers, and the weights fit them.
 - `read_tokenizer_model`, `read_tokenizer_json` (with `byte_level_alphabet`): the BPE ranks of a tokenizer.model or
   a tokenizer.json, for tiktoken, and the special tokens that a tokenizer.json names.
@@ -82,7 +83,8 @@ def map_consolidated_pth(path: Path, log: Callable[[str], None]) -> dict[str, to
 
 
 def read_config_json(path: Path) -> dict:
-    """Hugging Face's config.json, refused when its model is not Meta's Llama 3 architecture."""
+    """Hugging Face's config.json as ModelArgs' keyword arguments (params.json's names, with the RoPE scaling
+    factor), refused when its model is not Meta's Llama 3 architecture."""
     config = read_json(path)
     if config.get("model_type") != "llama":
         raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not 'llama'")
@@ -106,7 +108,15 @@ def read_config_json(path: Path) -> dict:
     differ = [k for k, v in LLAMA3_ROPE.items() if rope_type == "llama3" and rope.get(k, v) != v]
     if differ:
         raise ValueError(f"{path}: RoPE scaling {', '.join(differ)} differ from Llama 3.1's")
-    return config
+    # config.json gives the FFN's hidden size itself, Meta's rule (chapter 4) a start and a rounding. With
+    # multiple_of equal to the hidden size, the rule rounds any smaller start up to it: for Llama 3 8B the start
+    # int(2 * 4 * 4096 / 3) = 10,922 becomes 14,336. A larger start is scaled down first (ffn_dim_multiplier).
+    hidden, start = config["intermediate_size"], int(2 * 4 * dim / 3)
+    return {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads,
+            "n_kv_heads": config.get("num_key_value_heads") or n_heads, "vocab_size": config["vocab_size"],
+            "multiple_of": hidden, "ffn_dim_multiplier": None if start <= hidden else hidden / start,
+            "norm_eps": config["rms_norm_eps"], "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            "use_scaled_rope": rope_type == "llama3", "rope_scaling_factor": rope.get("factor", 8.0)}
 
 
 def map_safetensors(path: Path, log: Callable[[str], None]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,9 @@ LLAMA_32_PARAMS = {
     "3B": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 256,
            "ffn_dim_multiplier": 1.0, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
 }
+# A tiny Llama 3 for chapter 5's demo, with the byte tokenizer's 512 tokens.
+TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+               "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
 # A tokenizer.model of the 256 single bytes only: with the 256 special tokens, vocab_size 512.
 BYTE_TOKENIZER = "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
 
