@@ -246,7 +246,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     """Chapter 5's demo model (dim 64, 2 layers, vocab 512, output tied), random, float32, in Meta's layout (meta/)
     and Hugging Face's (hf/, wq and wk rows in its order), and a text to fine-tune on (text.txt)."""
     root = tmp_path_factory.mktemp("tiny_llama")
-    params, tokenizer = llama.TINY_PARAMS, llama_fixtures.BYTE_TOKENIZER
+    params, tokenizer = llama_fixtures.TINY_PARAMS, llama_fixtures.BYTE_TOKENIZER
     weights, model_args = llama_fixtures.random_llama(params, std=0.15), llama.ModelArgs(**params)
     llama_fixtures.write_meta_layout(root / "meta", weights, params, tokenizer)
     llama_fixtures.write_hf_layout(root / "hf", llama.hf_state_dict(weights, model_args), params,
