@@ -243,20 +243,11 @@ def same_matrix(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.data_ptr(), a.stride()) == (b.data_ptr(), b.stride()) or torch.equal(a, b)
 
 
-def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | None = None, device: str = "cpu",
-               log: Callable[[str], None] = print) -> tuple[Transformer, Llama3Tokenizer]:
-    """Meta's Llama 3 in our `Transformer`, in eval mode on `device`, and its tokenizer, from a directory in Meta's
-    layout (params.json, consolidated.00.pth, tokenizer.model) or Hugging Face's (config.json, model*.safetensors,
-    tokenizer.model here or in original/, or tokenizer.json).
-
-    The model is built on the meta device (shapes, no memory), then `load_state_dict(assign=True)` makes the
-    file's memory-mapped tensors its parameters. On a CPU nothing is copied but Hugging Face's wq and wk (reordered)
-    and the tensors that `dtype` (None: the file's) converts; on a GPU each tensor is copied once, to the device.
-    max_seq_len sizes the KV cache (not the model's 131,072 tokens); `log` gets one line per loading step.
-    Raises FileNotFoundError or ValueError, with a message that names the file and what is wrong.
-    """
-    t0 = time.perf_counter()
-    path = Path(path)
+def read_llama(path: Path, max_seq_len: int, log: Callable[[str], None]
+               ) -> tuple[Transformer, dict[str, torch.Tensor], Llama3Tokenizer, bool]:
+    """Meta's Llama 3 before a weight is read: the model on the meta device (shapes, no memory), the file's
+    memory-mapped tensors under Meta's names (checked against it; a tied output left out), the tokenizer, and whether
+    the layout is Meta's (else Hugging Face's, whose wq and wk are still in its row order)."""
     tokenizer = Llama3Tokenizer(llama_files.find_tokenizer(path))
     meta_layout = (path / "params.json").is_file()
     if meta_layout:
@@ -275,12 +266,24 @@ def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | N
     # Llama 3.2 1B and 3B tie the output layer to the embedding: Meta's file holds the same tensor twice, Hugging
     # Face's leaves it out. Then the output is the embedding's own Parameter: counted, cast and moved once.
     output = state_dict.pop("output.weight", None)
-    tied = output is None or same_matrix(state_dict["tok_embeddings.weight"], output)
-    if not tied:
+    if output is not None and not same_matrix(state_dict["tok_embeddings.weight"], output):
         state_dict["output.weight"] = output
+    return model, state_dict, tokenizer, meta_layout
+
+
+def load_llama(path: str | Path, max_seq_len: int = 2048, dtype: torch.dtype | None = None, device: str = "cpu",
+               log: Callable[[str], None] = print) -> tuple[Transformer, Llama3Tokenizer]:
+    """Meta's Llama 3 in our `Transformer`, in eval mode on `device`, and its tokenizer, from a directory in Meta's
+    layout (params.json, consolidated.00.pth, tokenizer.model) or Hugging Face's (config.json, model*.safetensors,
+    tokenizer.model here or in original/, or tokenizer.json). read_llama's memory-mapped tensors become the
+    parameters: on a CPU only Hugging Face's wq and wk (reordered) and what `dtype` converts are copied; on a GPU
+    each tensor is copied once. max_seq_len sizes the KV cache. Raises FileNotFoundError or ValueError naming a file."""
+    t0 = time.perf_counter()
+    model, state_dict, tokenizer, meta_layout = read_llama(Path(path), max_seq_len, log)
+    tied = "output.weight" not in state_dict
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     for name, tensor in state_dict.items():  # each tensor straight to the device, converted on the way
-        heads = None if meta_layout else qk_heads(name, model_args)
+        heads = None if meta_layout else qk_heads(name, model.params)
         if heads:
             state_dict[name] = unpermute_hf(tensor, heads, dtype, device)
         else:
@@ -418,9 +421,6 @@ def demo(args: argparse.Namespace) -> None:
     print(f"figure: {draw_llama3_weights(logits, counts, args.fig_dir)}")
     print("caption: reordered back, Hugging Face's file gives Meta's logits exactly; taken as stored, RoPE rotates "
           "the wrong pairs. Tied, the 1B model's embedding is a fifth of it, and counts once.")
-
-
-# ----------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> None:

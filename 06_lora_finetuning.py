@@ -22,17 +22,24 @@ frozen weights stay in bfloat16 (2.47 GB).
 - Inside our model wq and wk rows are in Meta's order. Hugging Face permutes them (chapter 5), so an adapter
   exported for transformers' LlamaForCausalLM permutes B's rows of wq and wk the same way.
 
+Past one device (torchrun, N processes), the frozen base is sharded (FSDP2): each rank keeps 1/N of the rows of every
+weight, and a projection's weight is gathered from all ranks just before it is used, then freed. A and B are
+sharded with their projection; their gradients are averaged over the ranks, each of which reads its own batches.
+Llama 3.1 70B's weights alone are 141 GB in bfloat16, more than any GPU holds; on 8 GPUs each keeps 17.6 GB of them
+(docs/cluster.md). The loop below is the same for one process and for N; plumbing/sharding.py shards.
+
 The demo needs no download: it trains a tiny LLaMA 3 on the code of chapters 1-4, freezes it, and teaches it this
 chapter's code through LoRA, printing what must hold (the base's logits at step 0, the val loss falling, merged
 logits equal to unmerged) and drawing the memory of a real 1B fine-tune beside its loss.
 
 Needs: main.py (Transformer, training, generation), 05_llama3_tokenizer_and_weights.py (load_llama); the flags
-       and file checks are plumbing/lora_cli.py's.
+       and file checks are plumbing/lora_cli.py's, the run's settings, loading and saving plumbing/lora_run.py's.
 Run:   python 06_lora_finetuning.py                                  # the demo: seconds, no download
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --sample --prompt "To be"
        python 06_lora_finetuning.py --llama-dir Llama-3.2-1B --export-peft out/lora/peft
        python 06_lora_finetuning.py --ckpt out/ckpt.pt --data my_text.txt   # main.py's character model
+       torchrun --nproc_per_node=2 06_lora_finetuning.py --llama-dir Llama-3.2-1B/original --data my_text.txt
        python 06_lora_finetuning.py --help                                   # every flag
 """
 
@@ -42,11 +49,10 @@ import argparse
 import importlib
 import json
 import math
-import sys
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from main import (
-    ModelArgs,
-    TrainConfig,
-    Transformer,
-    configure_optimizer,
-    estimate_loss,
-    generate,
-    learning_rates,
-    load_checkpoint,
-    model_from_checkpoint,
-    train_step,
-)
-from plumbing import llama_fixtures, lora_cli
-from plumbing.lora_cli import load_adapter
-from plumbing.reports import write_metrics
-from plumbing.runtime import Progress, StopSignals, exit_on_error, lock_out_dir, pick_device, save_checkpoint
+from main import TrainConfig, Transformer, configure_optimizer, estimate_loss, generate, learning_rates, train_step
+from plumbing import figures, llama_fixtures, lora_cli, lora_run
+from plumbing.runtime import Progress, StopSignals, all_ranks_max, exit_on_error, pick_device, training_process
 from plumbing.validators import check_prompt
 
 inputs = importlib.import_module("01_input_block")
@@ -80,7 +73,6 @@ TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "atten
            "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
 DEFAULT_LLAMA_SEQ_LEN = 256  # --seq-len for Meta's model: training windows and the sampling context
 DEFAULT_MAX_ITERS = 200
-SAVE_INTERVAL = 50  # steps between saves of the adapter during a fine-tune (a crash loses at most these)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -98,8 +90,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.weight = base.weight.requires_grad_(False)  # the same tensor: wrapping copies nothing
-        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16
-        like = {"device": base.weight.device, "dtype": torch.float32}
+        # float32 whatever the base's dtype: AdamW's small steps would vanish in bfloat16. On the base's device, or
+        # the CPU for a base on the meta device (sharded next, plumbing/sharding.py): A starts as in one process.
+        like = {"device": "cpu" if base.weight.is_meta else base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))  # (out, r), zero: B A = 0 at first
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
@@ -126,15 +119,7 @@ def add_lora(model: Transformer, rank: int, alpha: float, targets: Iterable[str]
     Raises:
         ValueError: an unknown target, a rank that does not fit, or a model that already has LoRA.
     """
-    targets = list(dict.fromkeys(targets))  # in order, once each
-    hf_names = {hf.split(".")[-1]: meta.split(".")[-1] for hf, meta in llama.HF_LAYER_NAMES.items()
-                if meta.split(".")[-1] in TARGETS}  # "q_proj" -> "wq"
-    for target in targets:
-        if target not in TARGETS:
-            hint = f"; {target} is Hugging Face's name for {hf_names[target]}" if target in hf_names else ""
-            raise ValueError(f"unknown LoRA target {target!r}: choose among {','.join(TARGETS)} (Meta's names{hint})")
-    if not targets:
-        raise ValueError("no LoRA target: name at least one of " + ",".join(TARGETS))
+    targets = lora_cli.check_targets(targets, list(TARGETS))  # in order, once each
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers: start from the base model")
     linears = {f"layers.{i}.{TARGETS[t]}.{t}": getattr(getattr(layer, TARGETS[t]), t)
@@ -184,16 +169,8 @@ def load_lora_state_dict(model: nn.Module, lora: dict[str, torch.Tensor], source
     Raises:
         ValueError: the adapter was made for another base (names or shapes differ); `source` names it.
     """
-    expected = lora_state_dict(model)
-    missing, unexpected = sorted(expected.keys() - lora.keys()), sorted(lora.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit this base model: " + "; ".join(
-            f"{what} {', '.join(names[:2])}{' ...' if len(names) > 2 else ''}"
-            for what, names in (("it lacks", missing), ("it has no place for", unexpected)) if names))
+    lora_cli.check_adapter_fits(lora, lora_state_dict(model), source)
     for name, tensor in lora.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source} does not fit this base model: its {name} has shape {tuple(tensor.shape)}, "
-                             f"this model needs {tuple(expected[name].shape)}")
         model.get_parameter(name).copy_(tensor)
 
 
@@ -275,39 +252,12 @@ def train_one_step(model: Transformer, optimizers: list[torch.optim.Optimizer], 
     return train_step(model, optimizers, batches, lrs, cfg.grad_clip, nullcontext())
 
 
-@dataclass
-class FineTune:
-    """One LoRA fine-tune: its settings, data, model and optimizer, and what changes as it goes. With the LoRA
-    matrices and AdamW's state, step, losses, the batch stream and val_before are all that --resume needs."""
-
-    lora_cfg: LoRAConfig
-    cfg: TrainConfig
-    seq_len: int
-    model: Transformer
-    bos_id: int
-    train_data: np.ndarray
-    val_data: np.ndarray
-    optimizers: list[torch.optim.Optimizer]
-    data_gen: torch.Generator  # the stream of batches: the same state gives the same batches
-    device: str
-    out_dir: Path
-    base: str  # --llama-dir or --ckpt, recorded in the adapter
-    step: int = 0
-    losses: list[float] = field(default_factory=list)  # every step's train loss
-    val_before: float = float("nan")
-
-    def val_loss(self) -> float:
-        """The val loss on eval_iters batches, the same batches every call."""
-        return estimate_loss(self.model, self.val_data, self.cfg, self.seq_len, self.bos_id, self.device,
-                             nullcontext())
-
-
-def finetune(args: argparse.Namespace, t_start: float) -> None:
+def finetune(args: argparse.Namespace, rank: int, world_size: int, device: str, t_start: float) -> None:
     """Fine-tune LoRA on --data (or --resume a fine-tune), writing out-dir/adapter.pt, train_state.pt and
-    metrics.json."""
-    run = set_up(args)
+    metrics.json. Under torchrun this is one rank of N: each reads its own batches, and rank 0 reports and writes."""
+    run = set_up(args, rank, world_size, device)
     cfg = run.cfg
-    progress = Progress(cfg.max_iters, run.step, cfg.grad_accum * cfg.batch_size * run.seq_len, args.log_interval)
+    progress = Progress(cfg.max_iters, run.step, run.tokens_per_step, args.log_interval, enabled=rank == 0)
     run.model.train()  # the base's dropout, if it has any, as in its own training
     with StopSignals() as stop:
         while run.step < cfg.max_iters:
@@ -315,7 +265,9 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
             t0 = time.perf_counter()
             loss = train_one_step(run.model, run.optimizers, run.train_data, cfg, run.seq_len, run.bos_id,
                                   run.data_gen, run.device, run.step)
-            if not math.isfinite(loss):
+            # every rank stops at the same step or none does: on a loss that diverged, or on Ctrl-C / SIGTERM
+            signum, bad_loss = all_ranks_max([stop.signum, not math.isfinite(loss)], device)
+            if bad_loss:
                 raise FloatingPointError(f"the loss became {loss} at step {run.step}: training diverged; "
                                          f"try a lower --learning-rate")
             progress.update(run.step + 1, loss, learning_rates(run.step, run.optimizers, cfg), time.perf_counter() - t0)
@@ -323,118 +275,42 @@ def finetune(args: argparse.Namespace, t_start: float) -> None:
             run.losses.append(loss)
 
             # save now and then, and on Ctrl-C or SIGTERM, after which --resume continues
-            if run.step % SAVE_INTERVAL == 0 or stop.signum:
-                save(run)
-            if stop.signum:
+            if run.step % lora_run.SAVE_INTERVAL == 0 or signum:
+                lora_run.save(run, lora_state_dict(run.model))
+            if signum:
                 progress.close()
-                raise lora_cli.interrupted(stop.signum, run.step, args)
+                raise lora_cli.interrupted(int(signum), run.step, args, world_size, run.log)
         progress.close()
-        save(run)
-    finish(run, progress, t_start)
+        lora_run.save(run, lora_state_dict(run.model))
+    lora_run.finish(run, progress, t_start)
 
 
-def set_up(args: argparse.Namespace) -> FineTune:
-    """Everything a fine-tune needs: the settings, the frozen base and the text, then LoRA and AdamW, new or as
-    out-dir/train_state.pt left them (--resume). Prints what it built and the val loss before."""
-    state_path = args.out_dir / "train_state.pt"
-    saved = load_adapter(state_path) if args.resume else None
-    lora_cfg, cfg, seq_len = run_settings(args, saved)
-    device = pick_device(args.device)
-    model, tokenizer, seq_len = load_base(args, seq_len, device)
-    train_data, val_data = load_data(args.data, tokenizer, seq_len)
+def set_up(args: argparse.Namespace, rank: int, world_size: int, device: str) -> lora_run.FineTune:
+    """The frozen base, LoRA on it, AdamW on LoRA's matrices, and the text: new, or as out-dir/train_state.pt left
+    them (--resume). Prints what it built and the val loss before."""
+    saved = lora_cli.run_to_resume(args)
+    cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
+                            args.eval_iters, args.seed, args.grad_accum)
+    lora_cfg, cfg, seq_len = lora_run.run_settings(args, saved, LoRAConfig(args.rank, args.alpha, tuple(args.targets)),
+                                                   cfg)  # with --resume, the saved run's
 
-    torch.manual_seed(cfg.seed)  # A's random start
-    add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
-    optimizers = configure_optimizer(model, cfg, torch.device(device).type)
-    run = FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
-                   torch.Generator().manual_seed(cfg.seed), device, args.out_dir, str(args.llama_dir or args.ckpt))
+    def adapt(model: Transformer) -> Transformer:
+        torch.manual_seed(cfg.seed)  # A's random start: the same in one process and on every rank
+        return add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+
+    # One process: the base, then LoRA on it. N ranks: LoRA on the base's shapes, then both sharded.
+    model, tokenizer, seq_len = lora_run.load_base(args, seq_len, DEFAULT_LLAMA_SEQ_LEN, device, adapt, rank,
+                                                   world_size)
+    train_data, val_data = lora_run.load_data(args.data, tokenizer, seq_len)
+    optimizers = configure_optimizer(model, cfg, torch.device(device).type)  # AdamW: lora_train_config's choice
+    run = lora_run.FineTune(lora_cfg, cfg, seq_len, model, tokenizer.bos_id, train_data, val_data, optimizers,
+                            torch.Generator().manual_seed(cfg.seed + rank),  # each rank's own batches
+                            device, rank, world_size, args.out_dir, str(args.llama_dir or args.ckpt),
+                            *count_parameters(model))
     if saved is not None:
-        load_lora_state_dict(model, saved["lora"], str(state_path))
-        for optimizer, optimizer_state in zip(optimizers, saved["optimizer"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
-        run.data_gen.set_state(saved["data_rng"])
-        run.step, run.losses, run.val_before = saved["step"], saved["losses"], saved["val_loss_before"]
-        print(f"resumed from {state_path} at step {run.step}")
-    trainable, total = count_parameters(model)
-    print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}: {trainable:,} "
-          f"trainable of {total:,} parameters ({trainable / total:.3%}); base in "
-          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')} on {device}")
-    print(f"{len(train_data):,} train / {len(val_data):,} val tokens; {cfg.max_iters} steps of "
-          f"{cfg.grad_accum * cfg.batch_size} windows of {seq_len} tokens ({cfg.grad_accum} micro-batches of "
-          f"{cfg.batch_size})")
-    if saved is None:
-        run.val_before = run.val_loss()
-    print(f"val loss before fine-tuning: {run.val_before:.4f}")
+        lora_run.restore(run, saved, load_lora_state_dict)
+    lora_run.report_start(run, resumed=saved is not None)
     return run
-
-
-def run_settings(args: argparse.Namespace, saved: dict | None) -> tuple[LoRAConfig, TrainConfig, int | None]:
-    """LoRA's settings, the training's, and --seq-len (None: the base's default). From the flags, or with --resume
-    the saved run's own, of which only --max-iters may change."""
-    if saved is None:
-        cfg = lora_train_config(args.max_iters or DEFAULT_MAX_ITERS, args.batch_size, args.learning_rate,
-                                args.eval_iters, args.seed, args.grad_accum)
-        return LoRAConfig(args.rank, args.alpha, tuple(args.targets)), cfg, args.seq_len
-    cfg = TrainConfig(**saved["train_config"])
-    cfg = replace(cfg, max_iters=args.max_iters or cfg.max_iters)
-    return LoRAConfig(**saved["lora_config"]), cfg, saved["seq_len"]
-
-
-def load_base(args: argparse.Namespace, seq_len: int | None, device: str
-              ) -> tuple[Transformer, inputs.CharTokenizer | llama.Llama3Tokenizer, int]:
-    """The frozen base model and its tokenizer: Meta's Llama 3 (--llama-dir) or main.py's character model
-    (--ckpt), in --dtype or its own dtype. Returns (model, tokenizer, seq_len)."""
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.llama_dir is not None:
-        seq_len = seq_len or DEFAULT_LLAMA_SEQ_LEN
-        model, tokenizer = llama.load_llama(args.llama_dir, seq_len, dtype, device,
-                                            log=lambda line: print(line, file=sys.stderr))
-        return model, tokenizer, seq_len
-    checkpoint = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(checkpoint).to(device, dtype)
-    seq_len = seq_len or model.params.max_seq_len
-    if seq_len > model.params.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is longer than the context {model.params.max_seq_len} that "
-                         f"{args.ckpt} was trained with")
-    return model, inputs.CharTokenizer.from_dict(checkpoint["tokenizer"]), seq_len
-
-
-def load_data(path: str | None, tokenizer: inputs.CharTokenizer | llama.Llama3Tokenizer, seq_len: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """--data as the base tokenizer's ids, split 90/10. Returns (train_data, val_data)."""
-    text = inputs.load_text(path)
-    try:
-        data = np.array(tokenizer.encode(text), dtype=np.int64)
-    except ValueError as e:  # a character model meets a character it never saw
-        raise ValueError(f"--data {path}: {e}") from e
-    train_data, val_data = inputs.train_val_split(data)
-    if min(len(train_data), len(val_data)) < seq_len:
-        raise ValueError(f"--data has {len(data):,} tokens: too short for --seq-len {seq_len} (its first 90% and "
-                         f"its last 10% must each hold one window); give a longer text or a smaller --seq-len")
-    return train_data, val_data
-
-
-def save(run: FineTune) -> None:
-    """out-dir/adapter.pt (the LoRA tensors and settings) and train_state.pt (the same, plus what --resume needs),
-    each written atomically."""
-    adapter = {"lora": lora_state_dict(run.model), "lora_config": asdict(run.lora_cfg),
-               "train_config": asdict(run.cfg), "seq_len": run.seq_len, "step": run.step, "base": run.base}
-    save_checkpoint(run.out_dir / "train_state.pt", {
-        **adapter, "optimizer": [o.state_dict() for o in run.optimizers], "data_rng": run.data_gen.get_state(),
-        "losses": run.losses, "val_loss_before": run.val_before})
-    save_checkpoint(run.out_dir / "adapter.pt", adapter)
-
-
-def finish(run: FineTune, progress: Progress, t_start: float) -> None:
-    """After the last step: the val loss after against before, and out-dir/metrics.json."""
-    val_after = run.val_loss()
-    print(f"val loss after fine-tuning: {val_after:.4f} (before: {run.val_before:.4f})")
-    trainable, total = count_parameters(run.model)
-    write_metrics(run.out_dir / "metrics.json", {
-        "val_loss_before": run.val_before, "val_loss_after": val_after, "train_losses": run.losses,
-        "train_tokens_per_s": progress.tokens_per_s(), "trainable_params": trainable, "total_params": total,
-        "iters": run.step, **asdict(run.lora_cfg), "device": run.device, "wall_s": time.perf_counter() - t_start})
-    print(f"wrote {run.out_dir / 'adapter.pt'}, {run.out_dir / 'train_state.pt'} and {run.out_dir / 'metrics.json'}")
 
 
 # ----------------------------------------------------------------------------- using an adapter
@@ -443,10 +319,10 @@ def finish(run: FineTune, progress: Progress, t_start: float) -> None:
 def use_adapter(args: argparse.Namespace) -> None:
     """--sample and --export-peft: the base model plus out-dir/adapter.pt."""
     adapter_path = args.out_dir / "adapter.pt"
-    adapter = load_adapter(adapter_path)
+    adapter = lora_cli.load_adapter(adapter_path)
     device = pick_device(args.device)
-    model, tokenizer, _ = load_base(args, args.seq_len or adapter["seq_len"], device)
-    apply_adapter(model, adapter, str(adapter_path))
+    model, tokenizer, _ = lora_run.load_base(args, args.seq_len or adapter["seq_len"], DEFAULT_LLAMA_SEQ_LEN, device,
+                                             adapt=lambda base: apply_adapter(base, adapter, str(adapter_path)))
     if args.export_peft is not None:
         paths = export_peft(model, args.export_peft, str(args.llama_dir))
         print(f"wrote {' and '.join(map(str, paths))}: load them with "
@@ -460,10 +336,6 @@ def use_adapter(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- the demo and its figure
 
-DEMO_BASE_TEXTS = ["01_input_block.py", "02_normalization_and_rope.py", "03_attention.py",
-                   "04_feedforward_and_transformer_block.py"]
-
-
 def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
     """(all parameters, LoRA parameters at `rank` on all seven projections) of Llama 3.2 1B."""
     model = llama_fixtures.tied_meta_model(llama_fixtures.LLAMA_32_PARAMS["1B"])
@@ -471,74 +343,12 @@ def llama_32_1b_counts(rank: int = 8) -> tuple[int, int]:
     return n_total, count_parameters(add_lora(model, rank, 2.0 * rank))[0]
 
 
-def plot_figure(n_total: int, n_lora: int, losses: list[float], val_log: list[tuple[int, float]],
-                fig_dir: Path) -> Path:
-    """Left: the memory that AdamW's parameters take in a fine-tune of Llama 3.2 1B, full against LoRA
-    (16 bytes per trained parameter: float32 weight, gradient, two moments; a frozen bfloat16 weight, 2 bytes).
-    Right: the demo's LoRA fine-tune."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    fig, (mem_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=[1, 1.1])
-    runs = ["full fine-tune\n(float32)", "LoRA, rank 8\n(base in bfloat16)"]
-    parts = {"weights": [4 * n_total, 2 * n_total + 4 * n_lora], "gradients": [4 * n_total, 4 * n_lora],
-             "AdamW moments": [8 * n_total, 8 * n_lora]}  # bytes
-    left = np.zeros(len(runs))
-    for (part, sizes), color in zip(parts.items(), ["tab:blue", "tab:orange", "tab:green"], strict=True):
-        mem_ax.barh(runs, np.array(sizes) / 1e9, left=left, color=color, label=part)
-        left += np.array(sizes) / 1e9
-    mem_ax.bar_label(mem_ax.containers[-1], [f"{left[0]:.1f} GB", f"{left[1]:.1f} GB\n(LoRA's matrices, gradients\n"
-                                             f"and moments: {16 * n_lora / 1e9:.2f} GB)"], padding=4)
-    mem_ax.invert_yaxis()
-    mem_ax.set_xlim(0, left.max() * 1.2)
-    mem_ax.set(title=f"Fine-tuning Llama 3.2 1B with AdamW: memory of the parameters\n(LoRA trains "
-                     f"{n_lora:,} of {n_total:,}, {n_lora / n_total:.2%})", xlabel="GB (activations not included)")
-    mem_ax.legend(loc="lower right")
-
-    loss_ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", alpha=0.35, label="train loss (each step)")
-    steps, val_losses = zip(*val_log, strict=True)
-    loss_ax.plot(steps, val_losses, "o-", color="tab:red", label="val loss (this chapter's last 10%)")
-    loss_ax.axhline(val_losses[0], color="gray", ls="--", label=f"the base: val {val_losses[0]:.2f}")
-    loss_ax.set(title="The demo: a tiny LLaMA 3 trained on chapters 1-4 learns chapter 6\n"
-                      "with LoRA (rank 8, the base frozen)",
-                xlabel="LoRA step", ylabel="cross-entropy (nats per character)")
-    loss_ax.grid(alpha=0.3)
-    loss_ax.legend()
-    fig.tight_layout()
-    path = fig_dir / "06_lora.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def train_demo_base(data: np.ndarray, tokenizer: inputs.CharTokenizer, seq_len: int, generator: torch.Generator
-                    ) -> Transformer:
-    """The demo's base: a tiny LLaMA 3, every weight trained briefly on `data` (main.py's way, in miniature)."""
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
-                                  max_seq_len=seq_len))
-    cfg = TrainConfig(batch_size=8, max_iters=200, warmup_iters=20)  # main.py's recipe: Muon, WSD
-    optimizers = configure_optimizer(model, cfg, "cpu")
-    for step in range(cfg.max_iters):
-        train_one_step(model, optimizers, data, cfg, seq_len, tokenizer.bos_id, generator, "cpu", step)
-    print(f"base: a tiny LLaMA 3 (dim 64, 2 layers, {count_parameters(model)[1]:,} parameters) trained "
-          f"{cfg.max_iters} steps on chapters 1-4 ({len(data):,} characters); new text: this chapter")
-    return model
-
-
 def demo(fig_dir: Path) -> None:
     """A tiny LLaMA 3 trained on chapters 1-4's code learns this chapter's code through LoRA; the invariants shown."""
     torch.manual_seed(0)
-    here = Path(__file__).resolve().parent
-    old_text = "".join((here / name).read_text(encoding="utf-8") for name in DEMO_BASE_TEXTS)
-    new_text = Path(__file__).read_text(encoding="utf-8")
-    tokenizer = inputs.CharTokenizer.from_text(old_text + new_text)
-    old_data = np.array(tokenizer.encode(old_text), dtype=np.int64)
-    train_data, val_data = inputs.train_val_split(np.array(tokenizer.encode(new_text), dtype=np.int64))
     seq_len, generator = 64, torch.Generator().manual_seed(0)
-    model = train_demo_base(old_data, tokenizer, seq_len, generator)
+    # the base: a tiny LLaMA 3 trained briefly on chapters 1-4's code; the new text: this chapter's, split 90/10
+    model, tokenizer, (train_data, val_data) = lora_run.demo_base(Path(__file__), seq_len, generator)
 
     # ---- LoRA: the base frozen, B = 0, so nothing changes yet
     tokens = inputs.inputs_for(torch.from_numpy(val_data[:seq_len])[None], tokenizer.bos_id)  # (1, seq_len)
@@ -579,7 +389,7 @@ def demo(fig_dir: Path) -> None:
     n_total, n_lora = llama_32_1b_counts(rank=8)
     print(f"Llama 3.2 1B, rank 8 on all seven projections: {n_lora:,} trainable parameters, "
           f"{n_lora / n_total:.2%} of {n_total:,}")
-    print(f"figure: {plot_figure(n_total, n_lora, losses, val_log, fig_dir)}")
+    print(f"figure: {figures.draw_lora(n_total, n_lora, losses, val_log, fig_dir)}")
     print("caption: LoRA's frozen bfloat16 base and small float32 matrices need about an eighth of a full "
           "fine-tune's memory; the tiny model learns a new text with only its LoRA matrices trained.")
 
@@ -596,9 +406,9 @@ def main(argv: list[str] | None = None) -> None:
             demo(args.fig_dir)
         elif mode == "use":
             use_adapter(args)
-        else:
-            with lock_out_dir(args.out_dir):  # one fine-tune per out-dir, refused before any work
-                finetune(args, t_start)
+        else:  # under torchrun, one process per rank; rank 0 locks out-dir, refusing a second fine-tune there
+            with training_process(args.device, args.out_dir) as (rank, world_size, device):
+                finetune(args, rank, world_size, device, t_start)
 
 
 if __name__ == "__main__":

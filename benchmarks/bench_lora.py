@@ -1,4 +1,5 @@
-"""LoRA fine-tuning at the size of Llama 3.2 1B, random weights: our chapter 6 against peft on transformers.
+"""LoRA fine-tuning at the size of Llama 3.2 1B, random weights: our chapter 6 against peft on transformers, and
+on N processes with the base sharded (FSDP2).
 
 Writes a checkpoint in Meta's layout (params.json, consolidated.00.pth, tokenizer.model; and Hugging Face's, unused
 here) with exactly Llama 3.2 1B's
@@ -8,6 +9,9 @@ file), then measures, each in a fresh Python process:
     memory   ours alone: chapter 5's load_llama, chapter 6's add_lora (rank 8, alpha 16, all seven projections),
              AdamW on the LoRA matrices, a few training steps; the peak resident memory (VmHWM) against the base's
              bfloat16 bytes (goal: at most 1.6x).
+    sharded  with --nproc N: the same under torchrun on N CPU processes (gloo), the base sharded as chapter 6 shards
+             it (plumbing/sharding.py), each rank training on its own batch of 1 x 128 tokens; every rank's peak
+             resident memory against the single process's (goal for N = 2: at most 0.75x; replicated would be 1x).
     speed    ours and peft's LoRA (the same rank, alpha and targets) on transformers' LlamaForCausalLM holding the
              same weights (wq and wk rows in Hugging Face's order, sharing the other tensors with ours), both
              stepped by main.train_step with main.configure_optimizer's AdamW: batch 1 x 128 tokens, bfloat16
@@ -20,7 +24,8 @@ Before timing, both models' logits on the same batch are compared: the same weig
 The tokenizer.model comes from the llama-models package (requirements-test.txt) unless --tokenizer is given.
 
 Run:   python benchmarks/bench_lora.py                  # about 2.5 GB on disk, 3 GB of memory, minutes on a CPU
-       python benchmarks/bench_lora.py --shape tiny     # a smoke test in seconds
+       python benchmarks/bench_lora.py --nproc 2        # and each of 2 ranks' peak memory beside it
+       python benchmarks/bench_lora.py --shape tiny --nproc 2   # a smoke test in seconds
 The last line printed is one JSON object.
 """
 
@@ -45,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
 
 import main  # noqa: E402
+from plumbing import lora_run, runtime  # noqa: E402
 from plumbing.llama_files import LLAMA3_ROPE  # noqa: E402
 from plumbing.llama_fixtures import packaged_llama3_tokenizer  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
@@ -54,11 +60,6 @@ llama = importlib.import_module("05_llama3_tokenizer_and_weights")
 lora = importlib.import_module("06_lora_finetuning")
 
 RANK, ALPHA, SEQ_LEN, LEARNING_RATE = 8, 16.0, 128, 2e-4
-
-
-def weights_bytes(model: nn.Module) -> int:
-    """The bytes of the model's weights, a tensor shared by two parameters counted once."""
-    return sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())
 
 
 class CausalLMLoss(nn.Module):
@@ -110,16 +111,24 @@ def batch(vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure_memory(path: Path, steps: int) -> dict:
-    """Ours alone: load, add LoRA, train `steps` steps; called in a fresh process."""
+    """Ours alone: load, add LoRA, train `steps` steps; called in a fresh process. Under torchrun, one rank of N
+    (the base sharded, each rank on its own batches): rank 0 returns every rank's peak, the others None."""
     rss_before = peak_rss()  # Python, torch, main and the chapters imported
-    model, _ = llama.load_llama(path, max_seq_len=SEQ_LEN, log=lambda line: None)
-    lora.add_lora(model, RANK, ALPHA)
+    rank, world_size, _ = runtime.setup_distributed("cpu")
+    model, _, _ = lora_run.load_base(argparse.Namespace(llama_dir=path, ckpt=None, dtype=None), SEQ_LEN, SEQ_LEN,
+                                     "cpu", adapt=lambda base: lora.add_lora(base, RANK, ALPHA), rank=rank,
+                                     world_size=world_size)
     optimizers = main.configure_optimizer(model, train_config(), "cpu")
     for step in range(steps):
-        main.train_step(model, optimizers, [batch(model.params.vocab_size, step)], [LEARNING_RATE], 1.0, nullcontext())
-    peak, base_bytes = peak_rss(), weights_bytes(model) - 4 * lora.count_parameters(model)[0]
-    return {"base_weights_gb": base_bytes / 1e9, "rss_gb_before_load": rss_before / 1e9, "peak_rss_gb": peak / 1e9,
-            "peak_rss_over_base": peak / base_bytes, "model_rss_over_base": (peak - rss_before) / base_bytes,
+        main.train_step(model, optimizers, [batch(model.params.vocab_size, step * world_size + rank)], [LEARNING_RATE],
+                        1.0, nullcontext())
+    peaks = runtime.gather_from_ranks(peak_rss())
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    runtime.teardown_distributed()
+    if world_size > 1:
+        return {"ranks": world_size, "rank_peak_rss_gb": [peak / 1e9 for peak in peaks]} if rank == 0 else None
+    return {"base_weights_gb": base_bytes / 1e9, "rss_gb_before_load": rss_before / 1e9, "peak_rss_gb": peaks[0] / 1e9,
+            "peak_rss_over_base": peaks[0] / base_bytes, "model_rss_over_base": (peaks[0] - rss_before) / base_bytes,
             "memory_steps": steps}
 
 
@@ -156,10 +165,13 @@ def measure_speed(path: Path, steps: int) -> dict:
             "trainable_params": lora.count_parameters(ours)[0], "threads": torch.get_num_threads()}
 
 
-def child(flag: str, path: Path, steps: int, threads: int | None) -> dict:
-    """Run this script with `flag` in a fresh process and return the JSON object it prints."""
-    command = [__file__, flag, str(path), "--steps", str(steps)]
-    return measure_in_child(command + (["--threads", str(threads)] if threads else []), flag)
+def child(flag: str, path: Path, steps: int, threads: int | None, nproc: int = 1) -> dict:
+    """Run this script with `flag` in a fresh process (nproc > 1: torchrun's N processes, gloo) and return the JSON
+    object it prints."""
+    command = [__file__, flag, str(path), "--steps", str(steps)] + (["--threads", str(threads)] if threads else [])
+    if nproc > 1:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *command]
+    return measure_in_child(command, flag)
 
 
 def main_cli() -> None:
@@ -169,6 +181,12 @@ def main_cli() -> None:
                         help="timed training steps for each of ours and peft's (default: %(default)s)")
     parser.add_argument("--memory-steps", type=positive_int, default=2,
                         help="training steps before reading our peak memory (default: %(default)s)")
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="also measure each rank's peak memory on this many processes, the base sharded "
+                             "(default: %(default)s: not)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="skip the speed comparison with peft (on a CPU without bfloat16 instructions a step of "
+                             "the 1B takes many minutes)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: PyTorch's, one per core); on a machine that other jobs share, "
                              "1 thread is slowed less by them")
@@ -180,7 +198,9 @@ def main_cli() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.measure_memory is not None:
-        print(json.dumps(measure_memory(args.measure_memory, args.steps)))
+        memory = measure_memory(args.measure_memory, args.steps)
+        if memory is not None:  # rank 0, or the one process
+            print(json.dumps(memory))
         return
     if args.measure_speed is not None:
         print(json.dumps(measure_speed(args.measure_speed, args.steps)))
@@ -197,14 +217,23 @@ def main_cli() -> None:
         print(f"ours: peak RSS {memory['peak_rss_gb']:.2f} GB = {memory['peak_rss_over_base']:.2f}x the base's "
               f"{memory['base_weights_gb']:.2f} GB in bfloat16 ({memory['model_rss_over_base']:.2f}x without the "
               f"{memory['rss_gb_before_load']:.2f} GB before loading)", flush=True)
-        speed = child("--measure-speed", Path(tmp) / "meta", args.steps, args.threads)
-    print(f"logits before training, ours against transformers' (bfloat16): max |diff| "
-          f"{speed['logits_max_abs_diff']:.2e} for logits up to {speed['logits_max_abs']:.2f}, "
-          f"cosine similarity {speed['logits_cosine']:.5f}")
-    print(f"LoRA training, batch 1 x {SEQ_LEN}, rank {RANK} on all seven projections, {speed['threads']} threads, "
-          f"median (best) of {args.steps} steps each, taking turns: ours {speed['ours_tokens_per_s']:.1f} "
-          f"({speed['ours_best_tokens_per_s']:.1f}) tokens/s, peft {speed['peft_tokens_per_s']:.1f} "
-          f"({speed['peft_best_tokens_per_s']:.1f}) tokens/s: ours at {speed['ours_over_peft']:.2f}x peft's speed")
+        if args.nproc > 1:
+            sharded = child("--measure-memory", Path(tmp) / "meta", args.memory_steps, args.threads, args.nproc)
+            peaks = sharded["rank_peak_rss_gb"]
+            memory["rank_peak_over_single"] = max(peaks) / memory["peak_rss_gb"]
+            memory["rank_peak_rss_gb"] = peaks
+            print(f"ours on {args.nproc} processes, the base sharded: peak RSS per rank "
+                  f"{', '.join(f'{peak:.2f}' for peak in peaks)} GB, beside {memory['peak_rss_gb']:.2f} GB in one "
+                  f"process: {memory['rank_peak_over_single']:.2f}x it (goal for 2 ranks: at most 0.75x)", flush=True)
+        speed = {} if args.memory_only else child("--measure-speed", Path(tmp) / "meta", args.steps, args.threads)
+    if speed:
+        print(f"logits before training, ours against transformers' (bfloat16): max |diff| "
+              f"{speed['logits_max_abs_diff']:.2e} for logits up to {speed['logits_max_abs']:.2f}, "
+              f"cosine similarity {speed['logits_cosine']:.5f}")
+        print(f"LoRA training, batch 1 x {SEQ_LEN}, rank {RANK} on all seven projections, {speed['threads']} threads, "
+              f"median (best) of {args.steps} steps each, taking turns: ours {speed['ours_tokens_per_s']:.1f} "
+              f"({speed['ours_best_tokens_per_s']:.1f}) tokens/s, peft {speed['peft_tokens_per_s']:.1f} "
+              f"({speed['peft_best_tokens_per_s']:.1f}) tokens/s: ours at {speed['ours_over_peft']:.2f}x peft's speed")
     print(json.dumps({"shape": args.shape, "params": n_params, "rank": RANK, "alpha": ALPHA, "seq_len": SEQ_LEN,
                       **memory, **speed}))
 

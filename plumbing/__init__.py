@@ -16,4 +16,6 @@ constants, GPT-2's byte alphabet of tokenizer.json) and llama_fixtures (Llama 3.
 - `serving`: chapter 7's command line: its flags, the prompts file, the answers printed in order.
 - `figures`: the figures of chapters 5 to 7.
 - `lora_cli`: chapter 6's command line: its flags, which go together, reading an adapter file, one-line errors.
+- `lora_run`: chapter 6's run machinery: its settings, the base and text it loads, resuming, and the files it writes.
+- `sharding`: chapter 6 under torchrun: the frozen base sharded (FSDP2), each rank reading its own rows; saves gather.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -36,6 +37,49 @@ def draw_llama3_weights(logits: dict[str, torch.Tensor], counts: dict[str, int],
               xlabel="parameters (millions)")
     fig.tight_layout()
     path = fig_dir / "05_llama3_weights.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def draw_lora(n_total: int, n_lora: int, losses: list[float], val_log: list[tuple[int, float]], fig_dir: Path
+              ) -> Path:
+    """Chapter 6's figure. Left: the memory that AdamW's parameters take in a fine-tune of Llama 3.2 1B, full
+    against LoRA (16 bytes per trained parameter: float32 weight, gradient, two moments; a frozen bfloat16 weight,
+    2 bytes). Right: the demo's LoRA fine-tune."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (mem_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.4), width_ratios=[1, 1.1])
+    runs = ["full fine-tune\n(float32)", "LoRA, rank 8\n(base in bfloat16)"]
+    parts = {"weights": [4 * n_total, 2 * n_total + 4 * n_lora], "gradients": [4 * n_total, 4 * n_lora],
+             "AdamW moments": [8 * n_total, 8 * n_lora]}  # bytes
+    left = np.zeros(len(runs))
+    for (part, sizes), color in zip(parts.items(), ["tab:blue", "tab:orange", "tab:green"], strict=True):
+        mem_ax.barh(runs, np.array(sizes) / 1e9, left=left, color=color, label=part)
+        left += np.array(sizes) / 1e9
+    mem_ax.bar_label(mem_ax.containers[-1], [f"{left[0]:.1f} GB", f"{left[1]:.1f} GB\n(LoRA's matrices, gradients\n"
+                                             f"and moments: {16 * n_lora / 1e9:.2f} GB)"], padding=4)
+    mem_ax.invert_yaxis()
+    mem_ax.set_xlim(0, left.max() * 1.2)
+    mem_ax.set(title=f"Fine-tuning Llama 3.2 1B with AdamW: memory of the parameters\n(LoRA trains "
+                     f"{n_lora:,} of {n_total:,}, {n_lora / n_total:.2%})", xlabel="GB (activations not included)")
+    mem_ax.legend(loc="lower right")
+
+    loss_ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", alpha=0.35, label="train loss (each step)")
+    steps, val_losses = zip(*val_log, strict=True)
+    loss_ax.plot(steps, val_losses, "o-", color="tab:red", label="val loss (this chapter's last 10%)")
+    loss_ax.axhline(val_losses[0], color="gray", ls="--", label=f"the base: val {val_losses[0]:.2f}")
+    loss_ax.set(title="The demo: a tiny LLaMA 3 trained on chapters 1-4 learns chapter 6\n"
+                      "with LoRA (rank 8, the base frozen)",
+                xlabel="LoRA step", ylabel="cross-entropy (nats per character)")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
+    fig.tight_layout()
+    path = fig_dir / "06_lora.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

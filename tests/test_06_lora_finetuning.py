@@ -20,6 +20,7 @@ from llama_checkpoints import hf_config, hf_reference, write_byte_tokenizer, wri
 from safetensors import safe_open
 
 import main
+from plumbing import lora_cli
 
 inputs = importlib.import_module("01_input_block")
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
@@ -172,7 +173,7 @@ def test_adapter_round_trip_holds_only_the_lora_tensors(tmp_path):
     tokens = random_tokens()
     torch.save({"lora": lora.lora_state_dict(model), "lora_config": {"rank": 4, "alpha": 8.0, "targets": ["wq", "w3"]},
                 "train_config": {}, "seq_len": 32, "step": 0}, tmp_path / "adapter.pt")
-    adapter = lora.load_adapter(tmp_path / "adapter.pt")
+    adapter = lora_cli.load_adapter(tmp_path / "adapter.pt")
     assert sorted(adapter["lora"]) == sorted(f"layers.{i}.{block}.lora_{m}" for i in range(2)
                                              for block in ("attention.wq", "feed_forward.w3") for m in "AB")
     fresh = tiny_model()  # the same base
@@ -231,6 +232,17 @@ def test_interrupted_fine_tune_saves_and_resume_continues_exactly(char_ckpt, tin
         assert torch.equal(resumed["lora"][name], tensor), name
 
 
+def test_resume_auto_starts_fresh_then_resumes(char_ckpt, tiny_corpus, tmp_path, capsys):
+    """What torchrun's restarts run: the same command line, which must resume once there is something to resume."""
+    flags = ["--ckpt", char_ckpt, "--data", tiny_corpus, "--out-dir", tmp_path, "--batch-size", 2, "--grad-accum", 1,
+             "--eval-iters", 1, "--resume", "auto"]
+    run_cli(*flags, "--max-iters", 2)
+    assert "resumed" not in capsys.readouterr().out
+    run_cli(*flags, "--max-iters", 4)
+    assert f"resumed from {tmp_path / 'train_state.pt'} at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "adapter.pt", weights_only=True)["step"] == 4
+
+
 def test_export_peft_gives_our_logits_in_transformers(hf_llama, tmp_path, capsys):
     from peft import PeftModel
 
@@ -250,7 +262,7 @@ def test_export_peft_gives_our_logits_in_transformers(hf_llama, tmp_path, capsys
         assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in f.keys() and len(f.keys()) == 12
 
     model, _ = llama.load_llama(path, max_seq_len=32, dtype=torch.float32, log=SILENT)
-    lora.apply_adapter(model, lora.load_adapter(out / "adapter.pt"), "adapter.pt")
+    lora.apply_adapter(model, lora_cli.load_adapter(out / "adapter.pt"), "adapter.pt")
     peft_model = PeftModel.from_pretrained(reference, export).eval()
     tokens = random_tokens(vocab_size=256)
     with torch.no_grad():
@@ -313,3 +325,10 @@ def test_bad_data_and_bases_are_one_error_line(char_ckpt, hf_llama, tmp_path):
     assert "needs a base model" in cli_error(["--data", short], lora.main)
     assert "not both" in cli_error(["--ckpt", char_ckpt, "--llama-dir", hf_llama], lora.main)
     assert "--seq-len 64 is longer than the context 32" in cli_error(["--ckpt", char_ckpt, "--seq-len", 64], lora.main)
+
+
+def test_under_torchrun_only_the_fine_tune_runs(char_ckpt, hf_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    for flags in (["--ckpt", char_ckpt, "--out-dir", tmp_path, "--sample"],
+                  ["--llama-dir", hf_llama, "--out-dir", tmp_path, "--export-peft", tmp_path / "peft"], []):
+        assert "under torchrun chapter 6 only fine-tunes" in cli_error(flags, lora.main)

@@ -1,9 +1,12 @@
-"""Data parallel training on CPU with the gloo backend: the same main.py that runs on one device.
+"""Data parallel training on CPU with the gloo backend: the same main.py that runs on one device, and chapter 6's
+LoRA fine-tune with the frozen base sharded over the ranks (FSDP2).
 
-The torchrun tests share one uninterrupted 40-step run (`straight`) and compare the interrupted and
-restarted runs with it, bit for bit. They train a tiny model on text made below.
+The torchrun tests of main.py share one uninterrupted 40-step run (`straight`) and compare the interrupted and
+restarted runs with it, bit for bit; chapter 6's share one 10-step fine-tune (`lora_straight`), which one process
+given the same batches must repeat. They train tiny models on text made below.
 """
 
+import argparse
 import importlib
 import os
 import re
@@ -22,13 +25,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_same_training_state
+from conftest import assert_same_training_state, generated_text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from plumbing import checkpoint
+from plumbing import checkpoint, llama_fixtures, lora_run
+from plumbing.sharding import row_range
 
 main = importlib.import_module("main")
 inputs = importlib.import_module("01_input_block")
+llama = importlib.import_module("05_llama3_tokenizer_and_weights")
+lora = importlib.import_module("06_lora_finetuning")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = main.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=20, max_seq_len=16, max_batch_size=8)
@@ -117,19 +123,24 @@ TORCHRUN_ARGS = ["--device", "cpu", "--dim", "32", "--n-layers", "1", "--n-heads
                  "--warmup-iters", "5", "--lr-decay-iters", "40", "--eval-interval", "10", "--log-interval", "1"]
 
 
-def torchrun(corpus: Path, out_dir: Path, *args, max_restarts: int = 0, deadline: float = 180) -> subprocess.Popen:
-    """Two gloo ranks of main.py on one thread each, with a c10d rendezvous as on a cluster; stdout and
+def torchrun_job(script: str | Path, *args, max_restarts: int = 0, deadline: float = 180) -> subprocess.Popen:
+    """Two gloo ranks of `script` on one thread each, with a c10d rendezvous as on a cluster; stdout and
     stderr of all processes in one pipe. After `deadline` seconds, torchrun and its ranks are killed (a
     hang then fails the test instead of stalling it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--max-restarts={max_restarts}",
-           "main.py", *TORCHRUN_ARGS, "--data", str(corpus), "--out-dir", str(out_dir), *map(str, args)]
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--max-restarts={max_restarts}", str(script), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     proc.timer = threading.Timer(deadline, kill_job, args=(proc,))
     proc.timer.daemon = True
     proc.timer.start()
     return proc
+
+
+def torchrun(corpus: Path, out_dir: Path, *args, max_restarts: int = 0) -> subprocess.Popen:
+    """main.py on two ranks (torchrun_job), with TORCHRUN_ARGS."""
+    return torchrun_job("main.py", *TORCHRUN_ARGS, "--data", corpus, "--out-dir", out_dir, *args,
+                        max_restarts=max_restarts)
 
 
 def children(pid: int) -> set[int]:
@@ -225,3 +236,153 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint_and_without_restarts_ev
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL) received by PID" in output  # torchrun names the failure
     assert "error: rank 0: lost contact with another process of the job" in output
+
+
+# ----------------------------------------------------------------------------- chapter 6 under torchrun: FSDP2
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Chapter 5's demo model (dim 64, 2 layers, vocab 512, output tied), random, float32, in Meta's layout (meta/)
+    and Hugging Face's (hf/, wq and wk rows in its order), and a text to fine-tune on (text.txt)."""
+    root = tmp_path_factory.mktemp("tiny_llama")
+    params, tokenizer = llama_fixtures.TINY_PARAMS, llama_fixtures.BYTE_TOKENIZER
+    weights, model_args = llama_fixtures.random_llama(params, std=0.15), llama.ModelArgs(**params)
+    llama_fixtures.write_meta_layout(root / "meta", weights, params, tokenizer)
+    llama_fixtures.write_hf_layout(root / "hf", llama.hf_state_dict(weights, model_args), params,
+                                   llama.meta_rope_scaling_factor(model_args), tokenizer)
+    (root / "text.txt").write_text(generated_text(), encoding="utf-8")
+    return root
+
+
+def lora_args(tiny_llama: Path, out_dir: Path) -> list:
+    """A fine-tune of 10 steps, 2 micro-batches of 2 windows of 32 tokens per rank, on Hugging Face's layout."""
+    return ["--llama-dir", tiny_llama / "hf", "--data", tiny_llama / "text.txt", "--out-dir", out_dir,
+            "--max-iters", 10, "--batch-size", 2, "--grad-accum", 2, "--seq-len", 32, "--eval-iters", 2,
+            "--device", "cpu", "--log-interval", 1]
+
+
+@pytest.fixture(scope="module")
+def lora_straight(tiny_llama, tmp_path_factory) -> tuple[Path, str]:
+    """10 steps on 2 ranks without interruption: its out-dir and output."""
+    out_dir = tmp_path_factory.mktemp("lora_straight")
+    proc = torchrun_job("06_lora_finetuning.py", *lora_args(tiny_llama, out_dir))
+    output = proc.communicate()[0]
+    assert proc.returncode == 0, output[-3000:]
+    return out_dir, output
+
+
+def test_lora_on_two_ranks_equals_one_process_given_the_same_batches(tiny_llama, lora_straight):
+    """One process, Meta's layout unsharded, steps on the micro-batches of rank 0 then rank 1 (each rank's stream is
+    seeded by its rank): the global batch of 2 ranks x 2 micro-batches. Its adapter is the 2 ranks' to float32's
+    rounding (the sums run in another order)."""
+    out_dir, output = lora_straight
+    assert "2 micro-batches of 2 x 2 ranks" in output and output.count("val loss after fine-tuning") == 1
+    saved = torch.load(out_dir / "adapter.pt", weights_only=True)
+    cfg, lora_cfg = main.TrainConfig(**saved["train_config"]), lora.LoRAConfig(**saved["lora_config"])
+
+    model, tokenizer = llama.load_llama(tiny_llama / "meta", saved["seq_len"], log=lambda line: None)
+    train_data, _ = lora_run.load_data(str(tiny_llama / "text.txt"), tokenizer, saved["seq_len"])
+    torch.manual_seed(cfg.seed)
+    lora.add_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.targets)
+    optimizers = main.configure_optimizer(model, cfg, "cpu")
+    streams = [torch.Generator().manual_seed(cfg.seed + rank) for rank in range(2)]
+    for step in range(cfg.max_iters):
+        batches = [inputs.get_batch(train_data, cfg.batch_size, saved["seq_len"], tokenizer.bos_id, stream, "cpu")
+                   for stream in streams for _ in range(cfg.grad_accum)]
+        main.train_step(model, optimizers, batches, list(main.learning_rates(step, optimizers, cfg).values()),
+                        cfg.grad_clip, nullcontext())
+    ours = lora.lora_state_dict(model)
+    assert saved["lora"].keys() == ours.keys()
+    assert max(t.abs().max().item() for name, t in ours.items() if name.endswith("lora_B")) > 1e-3  # B moved
+    for name, tensor in ours.items():
+        assert (saved["lora"][name] - tensor).abs().max().item() <= 1e-5, name
+
+
+SIGTERM_RANK_1 = """import importlib, os, signal, sys
+sys.path.insert(0, {root!r})
+lora = importlib.import_module("06_lora_finetuning")
+train_one_step = lora.train_one_step
+
+def step_then_sigterm(*args):  # rank 1 alone gets SIGTERM, after its third step
+    loss = train_one_step(*args)
+    if args[-1] == 2 and os.environ["RANK"] == "1":
+        signal.raise_signal(signal.SIGTERM)
+    return loss
+
+lora.train_one_step = step_then_sigterm
+lora.main(sys.argv[1:])
+"""
+
+
+def test_sigterm_to_one_rank_saves_the_whole_run_and_resume_ends_bit_for_bit_as_straight(tiny_llama, lora_straight,
+                                                                                          tmp_path):
+    """Rank 0 learns of rank 1's SIGTERM through the all-reduce: both stop after step 3 and save the whole adapter,
+    AdamW's state and both batch streams; --resume on 2 ranks then ends exactly where the straight run ended."""
+    script = tmp_path / "sigterm_rank_1.py"
+    script.write_text(SIGTERM_RANK_1.format(root=str(ROOT)))
+    out_dir = tmp_path / "stopped"
+    proc = torchrun_job(script, *lora_args(tiny_llama, out_dir))
+    output = proc.communicate()[0]
+    assert proc.returncode != 0 and "exitcode  : 143" in output, output[-3000:]
+    assert "interrupted at step 3: adapter saved" in output
+    assert f'File "{ROOT}' not in output  # no traceback from a rank (torchrun's own reports the exit code)
+    assert "continue with: torchrun [the same options] 06_lora_finetuning.py" in output
+    assert torch.load(out_dir / "adapter.pt", weights_only=True)["step"] == 3
+
+    proc = torchrun_job("06_lora_finetuning.py", *lora_args(tiny_llama, out_dir), "--resume")
+    output = proc.communicate()[0]
+    assert proc.returncode == 0 and f"resumed from {out_dir / 'train_state.pt'} at step 3" in output, output[-3000:]
+    resumed, straight = (torch.load(d / "train_state.pt", weights_only=True) for d in (out_dir, lora_straight[0]))
+    assert resumed["step"] == straight["step"] == 10 and resumed["losses"] == straight["losses"]
+    assert len(straight["data_rng"]) == 2  # each rank's batch stream
+    for name, tensor in straight["lora"].items():
+        assert torch.equal(resumed["lora"][name], tensor), name
+    for i, state in straight["optimizer"][0]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["optimizer"][0]["state"][i][key], value), (i, key)
+
+
+def rank_coded(shape: torch.Size, rows: slice, rank: int) -> torch.Tensor:
+    """Rows `rows` of a tensor of `shape`, each row 1000 * rank + its global row number (+ 0.25 on AdamW's)."""
+    return (1000.0 * rank + torch.arange(rows.start, rows.stop, dtype=torch.float32)[:, None]).expand(
+        rows.stop - rows.start, *shape[1:])
+
+
+def sharded_save_worker(rank: int, world_size: int, port: int, llama_dir: str, out_dir: str) -> None:
+    """The tiny Llama sharded with LoRA on it, one step taken; then every rank writes rank-coded values into its rows
+    of every LoRA matrix and of AdamW's first moment, and all save."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    args = argparse.Namespace(llama_dir=Path(llama_dir), ckpt=None, dtype=None)
+    model, tokenizer, seq_len = lora_run.load_base(args, 16, 16, "cpu", lambda m: lora.add_lora(m, 4, 8.0), rank,
+                                                   world_size)
+    cfg = lora.lora_train_config(max_iters=1, batch_size=2, learning_rate=1e-3, eval_iters=1, seed=0)
+    optimizers = main.configure_optimizer(model, cfg, "cpu")
+    tokens = torch.randint(0, 256, (2, seq_len), generator=torch.Generator().manual_seed(rank))
+    main.train_step(model, optimizers, [(tokens, tokens)], [1e-3], 1.0, nullcontext())
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):  # LoRA's matrices
+            start, stop = row_range(p.shape[0], rank, world_size)
+            p.to_local().copy_(rank_coded(p.shape, slice(start, stop), rank))
+            optimizers[0].state[p]["exp_avg"].to_local().copy_(rank_coded(p.shape, slice(start, stop), rank) + 0.25)
+    run = lora_run.FineTune(lora.LoRAConfig(4, 8.0), cfg, seq_len, model, tokenizer.bos_id, np.zeros(1),
+                            np.zeros(1), optimizers, torch.Generator(), "cpu", rank, world_size, Path(out_dir), "tiny",
+                            *lora.count_parameters(model))
+    lora_run.save(run, lora.lora_state_dict(model))
+    dist.destroy_process_group()
+
+
+def test_every_ranks_rows_are_saved(tiny_llama, tmp_path):
+    """adapter.pt and train_state.pt hold every row of every LoRA matrix (and of AdamW's moments), each from the
+    rank that holds it: saving rank 0's shard alone is a bug other projects shipped."""
+    mp.spawn(sharded_save_worker, args=(2, free_port(), str(tiny_llama / "meta"), str(tmp_path)), nprocs=2, join=True)
+    adapter = torch.load(tmp_path / "adapter.pt", weights_only=True)["lora"]
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert len(adapter) == 2 * 2 * 7
+    for i, (name, tensor) in enumerate(adapter.items()):
+        owners = [row_range(tensor.shape[0], rank, 2) for rank in range(2)]
+        expected = torch.cat([rank_coded(tensor.shape, slice(*rows), rank) for rank, rows in enumerate(owners)])
+        assert torch.equal(tensor, expected), name
+        assert torch.equal(state["lora"][name], expected), name
+        assert torch.equal(state["optimizer"][0]["state"][i]["exp_avg"], expected + 0.25), name
