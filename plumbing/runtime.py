@@ -299,7 +299,7 @@ def cpu_batch_kernels(rows: int) -> Iterator[None]:
     There PyTorch's bfloat16 matrix product converts every weight again for every row, so 16 rows cost about 13
     times one, and a batch gains almost nothing; in blocks, each weight is converted once per step and MKL's
     float32 product is fast: 1.5x faster at 8 rows, 2.4x at 16, per matrix at 2 threads (4 rows are 14% slower,
-    so they stay as they are); Llama 3.2 1B at 16 rows: 19.3 tokens/s instead of 8.4 (docs/serving.md).
+    so they stay as they are); Llama 3.2 1B at 16 rows: 17.6 tokens/s instead of 8.4 (docs/serving.md).
     """
     blocks = rows >= 8 and not onednn_has_bfloat16()
     with cpu_matrix_vector_kernel(rows), (_Bfloat16InFloat32Blocks() if blocks else nullcontext()):
