@@ -22,6 +22,7 @@ Every rank must make the same calls in the same order: each one of them contains
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 
 import torch
@@ -33,6 +34,18 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 ROWS_PER_PIECE = 8192  # rows of the embedding broadcast at a time (64 MiB of Llama 3.1 8B's in bfloat16)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_buffers_to_the_os() -> None:
+    """On a CPU, every step all-gathers each projection into new buffers and frees them. glibc raises its mmap
+    threshold to the largest block freed (up to 32 MiB), and keeps freed blocks below it in its heap, where they
+    still count in the process's memory: for Llama 3.2 1B on 2 ranks about 0.45 GB per rank. A fixed threshold of
+    256 KiB gives every larger buffer back when it is freed. Elsewhere than glibc (macOS, Windows), nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 def row_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -122,6 +135,8 @@ def shard_model(model: nn.Module, weights: dict[str, torch.Tensor], dtype: torch
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
+    if mesh.device_type == "cpu":
+        return_freed_buffers_to_the_os()
 
     def shard(name: str) -> nn.Parameter:
         full = weights[name]
