@@ -11,7 +11,7 @@ gradients of its LoRA matrices are reduce-scattered, each rank keeping the mean 
   memory-mapped checkpoint become its shards, as views of the file where nothing changes them (a mapped file's
   pages count in a process's memory once read: a copy would count them twice). A projection at a time, not a whole
   block, is gathered: FSDP holds two or three units in flight (the one running, the one gathered ahead, the
-  previous one's gather buffer), and for Llama 3.2 1B on 2 ranks whole blocks cost about 0.25 GB more per rank.
+  previous one's gather buffer), and for Llama 3.2 1B on 2 ranks whole blocks cost 0.26 GB more per rank.
 - The embedding matrix, a fifth of Llama 3.2 1B and the output layer too when tied, stays outside FSDP, sharded by
   rows: `RowShardedEmbedding` and `RowShardedOutput` broadcast it a few thousand rows at a time, so a rank never holds
   the whole matrix (FSDP would gather it for the whole forward and backward pass, while the activations peak).
