@@ -78,5 +78,5 @@ def serve(model, tokenizer, prompts: list[str], args: argparse.Namespace, genera
             print(f"[{i}] {text}{tokenizer.decode(answer)}", flush=True)
             n_new += len(answer)
     seconds = time.perf_counter() - t0
-    print(f"{len(prompts)} prompts, {n_new} new tokens in {seconds:.1f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s, "
-          f"batches of up to {args.batch_size})", file=sys.stderr)
+    print(f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}, {n_new} new tokens in {seconds:.1f} s "
+          f"({n_new / max(seconds, 1e-9):.1f} tokens/s, batches of up to {args.batch_size})", file=sys.stderr)
