@@ -44,9 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
+from llama_1b import SHAPES, measure_in_child, peak_rss, random_checkpoint  # noqa: E402
 
-from plumbing.llama_fixtures import packaged_llama3_tokenizer  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
 
 llama = importlib.import_module("05_llama3_tokenizer_and_weights")
@@ -153,16 +152,9 @@ def main() -> None:
         print(json.dumps(measure[args.measure]()))
         return
 
-    tokenizer = args.tokenizer or packaged_llama3_tokenizer()
-    if tokenizer is None or not tokenizer.is_file():
-        sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.dir or Path(tmp)
-        if not (path / "meta" / "consolidated.00.pth").is_file():
-            t0 = time.perf_counter()
-            write_random_llama(path, args.shape, tokenizer)
-            print(f"wrote random {args.shape} checkpoints in Meta's and Hugging Face's layouts to {path} in "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        random_checkpoint(path, args.shape, args.tokenizer)
         runs = {"ours": [], "theirs": [], "bandwidth": []}
         for i in range(args.rounds):
             for what in ("ours", "theirs", "bandwidth"):

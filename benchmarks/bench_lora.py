@@ -47,12 +47,12 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llama_1b import SHAPES, measure_in_child, peak_rss, write_random_llama  # noqa: E402
+from llama_1b import SHAPES, measure_in_child, peak_rss, random_checkpoint  # noqa: E402
 
 import main  # noqa: E402
 from plumbing import lora_run, runtime  # noqa: E402
 from plumbing.llama_files import LLAMA3_ROPE  # noqa: E402
-from plumbing.llama_fixtures import packaged_llama3_tokenizer  # noqa: E402
+from plumbing.llama_fixtures import parameter_counts  # noqa: E402
 from plumbing.validators import positive_int  # noqa: E402
 
 inputs = importlib.import_module("01_input_block")
@@ -205,14 +205,8 @@ def main_cli() -> None:
     if args.measure_speed is not None:
         print(json.dumps(measure_speed(args.measure_speed, args.steps)))
         return
-    tokenizer = args.tokenizer or packaged_llama3_tokenizer()
-    if tokenizer is None or not tokenizer.is_file():
-        sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        n_params = write_random_llama(Path(tmp), args.shape, tokenizer)
-        print(f"wrote a random {args.shape} checkpoint: {n_params:,} parameters in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        random_checkpoint(Path(tmp), args.shape, args.tokenizer)
         memory = child("--measure-memory", Path(tmp) / "meta", args.memory_steps, args.threads)
         print(f"ours: peak RSS {memory['peak_rss_gb']:.2f} GB = {memory['peak_rss_over_base']:.2f}x the base's "
               f"{memory['base_weights_gb']:.2f} GB in bfloat16 ({memory['model_rss_over_base']:.2f}x without the "
@@ -234,6 +228,7 @@ def main_cli() -> None:
               f"median (best) of {args.steps} steps each, taking turns: ours {speed['ours_tokens_per_s']:.1f} "
               f"({speed['ours_best_tokens_per_s']:.1f}) tokens/s, peft {speed['peft_tokens_per_s']:.1f} "
               f"({speed['peft_best_tokens_per_s']:.1f}) tokens/s: ours at {speed['ours_over_peft']:.2f}x peft's speed")
+    n_params = sum(parameter_counts(SHAPES[args.shape]).values())  # the tied matrix once
     print(json.dumps({"shape": args.shape, "params": n_params, "rank": RANK, "alpha": ALPHA, "seq_len": SEQ_LEN,
                       **memory, **speed}))
 

@@ -1,5 +1,5 @@
-"""What the Llama benchmarks share: the checkpoint shapes they write, a process's peak memory, and running one
-measurement in a fresh process."""
+"""What the Llama benchmarks share: the checkpoint shapes they write (and the writing), a process's peak memory,
+and running one measurement in a fresh process."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ def write_random_llama(path: Path, shape: str, tokenizer: Path) -> int:
     llama_fixtures.write_hf_layout(path / "hf", llama.hf_state_dict(weights, model_args), params,
                                    llama.meta_rope_scaling_factor(model_args), tokenizer_model)
     return sum(t.numel() for name, t in weights.items() if name != "output.weight")
+
+
+def random_checkpoint(path: Path, shape: str, tokenizer: Path | None) -> None:
+    """write_random_llama into `path`, unless path/meta holds a checkpoint already (a benchmark's --dir reuses it).
+    tokenizer: Meta's tokenizer.model (None: llama-models' copy); without one, exit with one error line."""
+    if (path / "meta" / "consolidated.00.pth").is_file():
+        return
+    tokenizer = tokenizer or llama_fixtures.packaged_llama3_tokenizer()
+    if tokenizer is None or not tokenizer.is_file():
+        sys.exit("error: no tokenizer.model: pip install -r requirements-test.txt, or pass --tokenizer PATH")
+    t0 = time.perf_counter()
+    n_params = write_random_llama(path, shape, tokenizer)
+    print(f"wrote a random {shape} checkpoint ({n_params:,} parameters) in Meta's and Hugging Face's layouts to "
+          f"{path} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def peak_rss() -> int:
