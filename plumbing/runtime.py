@@ -312,7 +312,8 @@ def onednn_has_bfloat16() -> bool:
 
 
 class _Bfloat16InFloat32Blocks(torch.overrides.TorchFunctionMode):
-    """While active, F.linear by a bfloat16 weight without bias (nn.Linear's) runs bfloat16_linear_in_blocks, with
+    """While active, F.linear by a bfloat16 weight on the CPU without bias (nn.Linear's; a GPU's weights are left to
+    the GPU) runs bfloat16_linear_in_blocks, with
     one float32 buffer per row length, kept for the whole forward pass (a new one per product would cost page
     faults each time)."""
 
@@ -322,7 +323,7 @@ class _Bfloat16InFloat32Blocks(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.nn.functional.linear and not kwargs and args[1].dtype == torch.bfloat16 and (
-                len(args) == 2 or args[2] is None):
+                args[1].device.type == "cpu") and (len(args) == 2 or args[2] is None):
             x, weight = args[:2]
             if weight.shape[1] not in self.buffers:
                 self.buffers[weight.shape[1]] = torch.empty(512, weight.shape[1], device=x.device)

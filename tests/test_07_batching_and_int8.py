@@ -138,6 +138,10 @@ def test_bfloat16_rows_run_in_float32_blocks_on_a_cpu_without_bfloat16(monkeypat
         with runtime.cpu_batch_kernels(rows):
             linear(x.view(rows, -1, 64))
     assert calls == [(8, 1, 64)]  # 8 rows or more, on a CPU without bfloat16: only there
+    monkeypatch.setattr(runtime, "onednn_has_bfloat16", lambda: False)
+    with runtime.cpu_batch_kernels(8):  # weights elsewhere than the CPU (a GPU; here the meta device) are left alone
+        linear.to("meta")(x.view(8, -1, 64).to("meta"))
+    assert calls == [(8, 1, 64)]
 
 
 # ----------------------------------------------------------------------------- int8
